@@ -1,0 +1,321 @@
+"""Every cryptographic choice of bcast/1 in one place (PROTOCOL.md §2, §3).
+
+Nothing here touches sockets or threads. Each failure surfaces as one exception
+type, `CryptoError`, whose message says what went wrong (never key material).
+
+Thread safety: a `RecordCipher` owns a counter; it must be used by one thread
+at a time. The server gives each direction of each connection its own
+instance, and only the connection's writer seals, only its reader opens.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.Protocol import DH
+from Crypto.Protocol.KDF import HKDF
+from Crypto.PublicKey import RSA
+from Crypto.PublicKey.RSA import RsaKey
+from Crypto.Random import get_random_bytes
+
+# PROTOCOL.md §2: "at least 2048 bits (3072 by default)".
+DEFAULT_RSA_BITS = 3072
+MIN_RSA_BITS = 2048
+SECRET_BYTES = 32  # the RSA-wrapped secret and both nonces are 32 bytes
+NONCE_BYTES = 32
+X25519_BYTES = 32
+SESSION_KEY_BYTES = 32
+TAG_BYTES = 16  # AES-GCM tag appended to each record
+# §3: a side closes before its send counter would reach 2**32.
+MAX_RECORDS_PER_DIRECTION = 2**32
+HKDF_INFO_LABEL = b"bcast/1 keys"
+
+RandomBytes = Callable[[int], bytes]
+
+
+class CryptoError(Exception):
+    """Any cryptographic failure: bad key file, bad ciphertext, bad point."""
+
+
+class KeyFileError(CryptoError):
+    """The server key file cannot be used; the message names the file and why."""
+
+
+def random_bytes(n: int) -> bytes:
+    """Cryptographically secure random bytes (the default randomness source)."""
+    return get_random_bytes(n)
+
+
+# --- the server's long-term RSA key ---
+
+
+def load_or_create_server_key(
+    path: Path, bits: int = DEFAULT_RSA_BITS, randfunc: RandomBytes | None = None
+) -> RsaKey:
+    """Load the server's RSA key from `path`, creating it (mode 0600) if absent.
+
+    Refuses, with one sentence naming the file, a key readable by group or
+    others, one that does not parse, or one under 2048 bits (§2).
+    """
+    path = Path(path)
+    if not path.exists():
+        return _create_server_key(path, bits, randfunc)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"the key file {path} is accessible by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}); run 'chmod 600 {path}' and start again"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
+    try:
+        key = RSA.import_key(data)
+    except (ValueError, IndexError, TypeError):
+        raise KeyFileError(f"the key file {path} does not hold a valid RSA key") from None
+    if not key.has_private():
+        raise KeyFileError(f"the key file {path} holds a public key, not a private key")
+    if key.size_in_bits() < MIN_RSA_BITS:
+        raise KeyFileError(
+            f"the key in {path} has {key.size_in_bits()} bits, under the minimum of "
+            f"{MIN_RSA_BITS}; move it away to let the server create a new one"
+        )
+    return key
+
+
+def _create_server_key(path: Path, bits: int, randfunc: RandomBytes | None) -> RsaKey:
+    """Generate a key and write it with mode 0600 from the first byte (O_EXCL, fchmod)."""
+    if bits < MIN_RSA_BITS:
+        raise KeyFileError(f"refusing to create a {bits}-bit key: the minimum is {MIN_RSA_BITS}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise KeyFileError(
+            f"cannot create the folder {path.parent} for the key file: {exc.strerror}"
+        ) from None
+    key = RSA.generate(bits, randfunc=randfunc)
+    pem = key.export_key(format="PEM")
+    try:
+        # O_EXCL: never overwrite a key that appeared meanwhile; 0o600 is masked by the
+        # umask only towards fewer rights, and fchmod makes it exact whatever the umask.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return load_or_create_server_key(path, bits, randfunc)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the key file {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def spki_der(key: RsaKey) -> bytes:
+    """DER SubjectPublicKeyInfo of the public half: what `hello.key` carries (§2)."""
+    return key.public_key().export_key(format="DER")
+
+
+def fingerprint(spki: bytes) -> str:
+    """OpenSSH-style fingerprint: "SHA256:" + unpadded base64 of SHA256(SPKI DER)."""
+    digest = hashlib.sha256(spki).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def import_spki(spki: bytes) -> RsaKey:
+    """Parse a server's public key from DER SPKI, refusing keys under 2048 bits."""
+    try:
+        key = RSA.import_key(spki)
+    except (ValueError, IndexError, TypeError):
+        raise CryptoError("the server's public key is not a valid RSA key") from None
+    if key.has_private() or key.size_in_bits() < MIN_RSA_BITS:
+        raise CryptoError("the server's public key is unusable (private or under 2048 bits)")
+    return key
+
+
+# --- RSA-OAEP for the 32-byte secret ---
+
+
+def _oaep(key: RsaKey, randfunc: RandomBytes | None = None) -> PKCS1_OAEP.PKCS1OAEP_Cipher:
+    # pycryptodome defaults to SHA-1: the spec says SHA-256 for both the hash and MGF1.
+    return PKCS1_OAEP.new(key, hashAlgo=SHA256, randfunc=randfunc)
+
+
+def wrap_secret(spki: bytes, secret: bytes, randfunc: RandomBytes | None = None) -> bytes:
+    """Client side: RSA-OAEP-encrypt the 32-byte secret to the server's key."""
+    if len(secret) != SECRET_BYTES:
+        raise CryptoError(f"the secret must be {SECRET_BYTES} bytes, not {len(secret)}")
+    return _oaep(import_spki(spki), randfunc).encrypt(secret)
+
+
+def unwrap_secret(key: RsaKey, ciphertext: bytes) -> bytes:
+    """Server side: decrypt the wrapped secret; anything but exactly 32 bytes fails."""
+    try:
+        secret = _oaep(key).decrypt(ciphertext)
+    except (ValueError, TypeError):
+        raise CryptoError("the secret does not decrypt under the server key") from None
+    if len(secret) != SECRET_BYTES:
+        raise CryptoError(f"the secret decrypts to {len(secret)} bytes, not {SECRET_BYTES}")
+    return secret
+
+
+# --- X25519 ephemeral exchange ---
+
+
+class Ephemeral:
+    """A one-connection X25519 key pair whose private half is dropped after `exchange`.
+
+    Dropping it is what gives forward secrecy (§2): once both sides forget their
+    private halves, a recorded session cannot be reopened with the RSA key alone.
+    """
+
+    def __init__(self, private: bytes | None = None, randfunc: RandomBytes = random_bytes):
+        seed = private if private is not None else randfunc(X25519_BYTES)
+        self._private = DH.import_x25519_private_key(seed)
+        self.public: bytes = self._private.public_key().export_key(format="raw")
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        """X25519(own private, peer public); refuses low-order points (all-zero result)."""
+        private, self._private = self._private, None
+        if private is None:
+            raise CryptoError("this ephemeral key was already used")
+        if len(peer_public) != X25519_BYTES:
+            raise CryptoError(
+                f"an X25519 public key is {X25519_BYTES} bytes, not {len(peer_public)}"
+            )
+        try:
+            peer = DH.import_x25519_public_key(peer_public)
+            shared = DH.key_agreement(eph_priv=private, eph_pub=peer, kdf=bytes)
+        except (ValueError, TypeError):
+            raise CryptoError("the peer's X25519 key is a low-order point") from None
+        if not any(shared):
+            raise CryptoError("the X25519 result is all zeros (low-order point)")
+        return shared
+
+
+# --- session keys ---
+
+
+def derive_keys(
+    secret: bytes,
+    dh: bytes,
+    server_nonce: bytes,
+    client_nonce: bytes,
+    server_spki: bytes,
+    server_eph: bytes,
+    client_eph: bytes,
+) -> tuple[bytes, bytes]:
+    """HKDF-SHA256 exactly as §2 "Session keys"; returns (k_c2s, k_s2c)."""
+    info = HKDF_INFO_LABEL + hashlib.sha256(server_spki).digest() + server_eph + client_eph
+    okm = HKDF(
+        master=secret + dh,
+        key_len=2 * SESSION_KEY_BYTES,
+        salt=server_nonce + client_nonce,
+        hashmod=SHA256,
+        num_keys=1,
+        context=info,
+    )
+    return okm[:SESSION_KEY_BYTES], okm[SESSION_KEY_BYTES:]
+
+
+# --- records ---
+
+
+class RecordCipher:
+    """AES-256-GCM for one direction, with the implicit counter nonce of §3.
+
+    The counter advances only on success, so a record that fails to open
+    leaves it where it was (the caller closes the connection anyway). Not
+    thread-safe: one thread seals (or opens) at a time.
+    """
+
+    def __init__(self, key: bytes, seq: int = 0):
+        if len(key) != SESSION_KEY_BYTES:
+            raise CryptoError(f"a record key is {SESSION_KEY_BYTES} bytes, not {len(key)}")
+        self._key = key
+        self.seq = seq
+
+    def _nonce(self) -> bytes:
+        return b"\x00\x00\x00\x00" + self.seq.to_bytes(8, "big")
+
+    @property
+    def exhausted(self) -> bool:
+        """True once another record would take the counter to 2**32 (§3)."""
+        return self.seq >= MAX_RECORDS_PER_DIRECTION - 1
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """Encrypt one record: ciphertext || 16-byte tag; advances the counter."""
+        if self.seq >= MAX_RECORDS_PER_DIRECTION:
+            raise CryptoError("the record counter is exhausted; the connection must close")
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=self._nonce(), mac_len=TAG_BYTES)
+        ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+        self.seq += 1
+        return ciphertext + tag
+
+    def open(self, record: bytes) -> bytes:
+        """Decrypt and authenticate one record; CryptoError if it is not the next one."""
+        if len(record) < TAG_BYTES:
+            raise CryptoError(f"a record of {len(record)} bytes is shorter than its tag")
+        if self.seq >= MAX_RECORDS_PER_DIRECTION:
+            raise CryptoError("the peer's record counter is exhausted")
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=self._nonce(), mac_len=TAG_BYTES)
+        try:
+            plaintext = cipher.decrypt_and_verify(record[:-TAG_BYTES], record[-TAG_BYTES:])
+        except ValueError:
+            raise CryptoError(
+                f"record {self.seq} failed to open (tampered, replayed, reordered or dropped)"
+            ) from None
+        self.seq += 1
+        return plaintext
+
+
+# --- the two halves of the handshake ---
+
+
+def server_keys(
+    key: RsaKey,
+    server_spki: bytes,
+    server_nonce: bytes,
+    server_eph: Ephemeral,
+    client_nonce: bytes,
+    wrapped_secret: bytes,
+    client_eph: bytes,
+) -> tuple[bytes, bytes]:
+    """Server side of §2: unwrap, exchange, derive; returns (k_c2s, k_s2c)."""
+    server_eph_public = server_eph.public
+    secret = unwrap_secret(key, wrapped_secret)
+    dh = server_eph.exchange(client_eph)
+    return derive_keys(
+        secret, dh, server_nonce, client_nonce, server_spki, server_eph_public, client_eph
+    )
+
+
+def client_keys(
+    server_spki: bytes,
+    server_nonce: bytes,
+    server_eph: bytes,
+    randfunc: RandomBytes = random_bytes,
+) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """Client side of §2; returns (client_nonce, wrapped_secret, client_eph, k_c2s, k_s2c)."""
+    secret = randfunc(SECRET_BYTES)
+    client_nonce = randfunc(NONCE_BYTES)
+    wrapped = wrap_secret(server_spki, secret)
+    eph = Ephemeral(randfunc=randfunc)
+    client_eph = eph.public
+    dh = eph.exchange(server_eph)
+    k_c2s, k_s2c = derive_keys(
+        secret, dh, server_nonce, client_nonce, server_spki, server_eph, client_eph
+    )
+    return client_nonce, wrapped, client_eph, k_c2s, k_s2c

@@ -1,0 +1,652 @@
+"""bcast/1 without I/O: frames, handshake messages and record plaintexts (PROTOCOL.md).
+
+Bytes go in, validated messages come out; nothing here touches a socket, a
+thread, the clock or a cipher, so all of it can be unit-tested and fuzzed alone.
+
+Errors are named after what the server does about them (STYLE.md):
+  * `CloseSilently`  — close the connection at once, no reply (bad frame
+    length before the channel is up, bad `hello`/`key`).
+  * `ByeProtocol`    — send `bye` (reason `protocol`), close (bad record body,
+    bad length after `key`).
+  * `Refused`        — answer `error` with `code`, keep the connection.
+All three derive from `ProtocolError`: decoders raise nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Union
+
+PROTOCOL_NAME = "bcast/1"
+LENGTH_BYTES = 4
+# §1: handshake frames (hello, plaintext server_full error, key) are 1..8192 bytes.
+MAX_HANDSHAKE_FRAME = 8192
+# §1: records are 1..1 MiB; clients must accept all of it, the server may say less.
+MAX_RECORD_FRAME = 1_048_576
+MIN_SERVER_RECORD_FRAME = 65_536
+TAG_BYTES = 16  # the GCM tag that ends every record (§3)
+MAX_RECORD_PLAINTEXT = MAX_RECORD_FRAME - TAG_BYTES
+NONCE_BYTES = 32
+EPH_BYTES = 32
+DEFAULT_MAX_TEXT = 16_384  # §4 text: UTF-8 bytes
+MAX_NAME_CHARS = 32
+
+CLIENT_TYPES = ("join", "say", "dm", "who", "ping", "leave")
+LEAVE_REASONS = ("leave", "disconnect", "timeout", "slow", "protocol")
+BYE_REASONS = ("leave", "timeout", "protocol", "shutdown")
+ERROR_CODES = (
+    "bad_message",
+    "not_joined",
+    "already_joined",
+    "invalid_name",
+    "name_taken",
+    "too_long",
+    "rate_limited",
+    "unknown_user",
+    "server_full",
+)
+
+
+class ProtocolError(Exception):
+    """Base of every error this module raises for bad input."""
+
+
+class CloseSilently(ProtocolError):
+    """The peer broke the framing or handshake: close without a reply (§1, §2)."""
+
+
+class ByeProtocol(ProtocolError):
+    """A record that is not a non-empty JSON array of typed objects (§3)."""
+
+
+class Refused(ProtocolError):
+    """A message refused with an `error` reply; the connection stays (§4)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- §1 framing ---
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Prefix `body` with its u32be length."""
+    return len(body).to_bytes(LENGTH_BYTES, "big") + body
+
+
+class FrameDecoder:
+    """Incremental frame splitter: `feed` buffers, `next_frame` returns one body or None.
+
+    `max_len` may be changed between two frames: a client's `key` (8192) and
+    its first record (1 MiB) can arrive in the same read (§1). A bad length is
+    refused as soon as its 4 bytes are buffered, before any body is kept.
+    """
+
+    def __init__(self, max_len: int = MAX_HANDSHAKE_FRAME):
+        self.max_len = max_len
+        self._buf = bytearray()
+        self._need: int | None = None  # body length of the frame in progress
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf)
+
+    def wants(self) -> int:
+        """How many more bytes would complete the next frame header or body (at least 1)."""
+        if self._need is None:
+            return max(1, LENGTH_BYTES - len(self._buf))
+        return max(1, LENGTH_BYTES + self._need - len(self._buf))
+
+    def next_frame(self) -> bytes | None:
+        """One complete frame body, or None if more bytes are needed."""
+        if self._need is None:
+            if len(self._buf) < LENGTH_BYTES:
+                return None
+            length = int.from_bytes(self._buf[:LENGTH_BYTES], "big")
+            if not 1 <= length <= self.max_len:
+                raise CloseSilently(
+                    f"frame of {length} bytes is outside the limit of 1..{self.max_len}"
+                )
+            self._need = length
+        end = LENGTH_BYTES + self._need
+        if len(self._buf) < end:
+            return None
+        body = bytes(self._buf[LENGTH_BYTES:end])
+        del self._buf[:end]
+        self._need = None
+        return body
+
+
+# --- helpers for strict fields ---
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def strict_b64decode(value: Any, field: str) -> bytes:
+    """Standard base64 with padding and no other characters (the page's `b64`)."""
+    if not isinstance(value, str):
+        raise CloseSilently(f"field {field!r} is not a string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise CloseSilently(f"field {field!r} is not strict base64") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_json(body: bytes) -> Any:
+    """Strict UTF-8 JSON; raises ValueError (or RecursionError) on anything else."""
+    text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON. Raises ValueError for what JSON cannot carry."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _json_has_lone_surrogate(value: Any) -> bool:
+    """True if any string inside a JSON value (keys included) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return False
+
+
+# --- §2 handshake ---
+
+
+@dataclass(frozen=True)
+class Hello:
+    key: bytes  # DER SubjectPublicKeyInfo
+    nonce: bytes
+    eph: bytes
+    protocol: str = PROTOCOL_NAME
+
+
+@dataclass(frozen=True)
+class KeyExchange:
+    nonce: bytes
+    secret: bytes  # RSA-OAEP ciphertext
+    eph: bytes
+
+
+def _handshake_object(body: bytes, expected_type: str) -> dict[str, Any]:
+    try:
+        obj = loads_json(body)
+    except (ValueError, RecursionError):
+        raise CloseSilently(f"{expected_type} frame is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise CloseSilently(f"{expected_type} frame is not a JSON object")
+    if obj.get("type") != expected_type:
+        raise CloseSilently(f"expected a {expected_type!r} frame, got type {obj.get('type')!r}")
+    return obj
+
+
+def _sized(obj: dict[str, Any], field: str, size: int) -> bytes:
+    value = strict_b64decode(obj.get(field), field)
+    if len(value) != size:
+        raise CloseSilently(f"field {field!r} is {len(value)} bytes, not {size}")
+    return value
+
+
+def encode_hello(hello: Hello) -> bytes:
+    return dumps_json(
+        {
+            "type": "hello",
+            "protocol": hello.protocol,
+            "key": b64encode(hello.key),
+            "nonce": b64encode(hello.nonce),
+            "eph": b64encode(hello.eph),
+        }
+    )
+
+
+def parse_hello(body: bytes) -> Hello:
+    """Validate a `hello` frame (client side); any flaw is CloseSilently (§2)."""
+    obj = _handshake_object(body, "hello")
+    if obj.get("protocol") != PROTOCOL_NAME:
+        raise CloseSilently(f"server speaks protocol {obj.get('protocol')!r}, not {PROTOCOL_NAME}")
+    key = strict_b64decode(obj.get("key"), "key")
+    if not key:
+        raise CloseSilently("field 'key' is empty")
+    return Hello(
+        key=key, nonce=_sized(obj, "nonce", NONCE_BYTES), eph=_sized(obj, "eph", EPH_BYTES)
+    )
+
+
+def encode_key(msg: KeyExchange) -> bytes:
+    return dumps_json(
+        {
+            "type": "key",
+            "nonce": b64encode(msg.nonce),
+            "secret": b64encode(msg.secret),
+            "eph": b64encode(msg.eph),
+        }
+    )
+
+
+def parse_key(body: bytes) -> KeyExchange:
+    """Validate a `key` frame (server side); any flaw is CloseSilently (§2)."""
+    obj = _handshake_object(body, "key")
+    return KeyExchange(
+        nonce=_sized(obj, "nonce", NONCE_BYTES),
+        secret=strict_b64decode(obj.get("secret"), "secret"),
+        eph=_sized(obj, "eph", EPH_BYTES),
+    )
+
+
+def encode_server_full(message: str) -> bytes:
+    """The plaintext refusal sent instead of `hello` when the server is full (§2)."""
+    return dumps_json({"type": "error", "code": "server_full", "message": message})
+
+
+def parse_handshake_error(body: bytes) -> Error | None:
+    """If a pre-key frame is the plaintext `server_full` error, return it."""
+    try:
+        obj = loads_json(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(obj, dict) and obj.get("type") == "error":
+        code, message = obj.get("code"), obj.get("message")
+        if isinstance(code, str) and isinstance(message, str):
+            return Error(code=code, message=message)
+    return None
+
+
+# --- §3 record plaintexts ---
+
+
+def decode_record(plaintext: bytes) -> list[dict[str, Any]]:
+    """A record's plaintext as its list of message objects, or ByeProtocol (§3)."""
+    try:
+        items = loads_json(plaintext)
+    except (ValueError, RecursionError):
+        raise ByeProtocol("record is not UTF-8 JSON") from None
+    if not isinstance(items, list) or not items:
+        raise ByeProtocol("record is not a non-empty JSON array")
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            raise ByeProtocol("record holds an element that is not an object with a string type")
+    return items
+
+
+def encode_message(obj: dict[str, Any]) -> bytes:
+    """One message object as compact UTF-8 JSON, ready to be reused in many records."""
+    return dumps_json(obj)
+
+
+def join_record(encoded: list[bytes]) -> bytes:
+    """Several encoded messages as one record plaintext (a JSON array)."""
+    return b"[" + b",".join(encoded) + b"]"
+
+
+# --- §4 names and text ---
+
+
+def valid_name(raw: str) -> str | None:
+    """The normative name predicate of §4: the name to use, or None."""
+    name = unicodedata.normalize("NFKC", raw)
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return None
+    if not (name[0].isalpha() or unicodedata.category(name[0]) == "Nd"):
+        return None
+    scripts = set()
+    for ch in name:
+        cat = unicodedata.category(ch)
+        if ch in "_-." or cat == "Nd" or cat[0] == "M":
+            continue
+        if cat[0] != "L":
+            return None
+        script = unicodedata.name(ch, "").split(" ")[0]
+        if script in ("LATIN", "CYRILLIC", "GREEK"):
+            scripts.add(script)
+    return name if len(scripts) <= 1 else None
+
+
+def name_key(raw: str) -> str:
+    """How names are compared (§4): NFKC, then casefold."""
+    return unicodedata.normalize("NFKC", raw).casefold()
+
+
+def is_forbidden_char(ch: str) -> bool:
+    """C0 except \\n and \\t, DEL, C1, or a lone surrogate (§4 text)."""
+    o = ord(ch)
+    if o < 0x20:
+        return ch not in "\n\t"
+    return 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF
+
+
+# Characters refused in text, for a fast str.translate-free scan: every forbidden code point.
+_FORBIDDEN = frozenset(
+    [chr(o) for o in range(0x20) if chr(o) not in "\n\t"] + [chr(o) for o in range(0x7F, 0xA0)]
+)
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` is not valid content (empty, control character, surrogate), or None."""
+    if not text:
+        return "text is empty"
+    if not _FORBIDDEN.isdisjoint(text):
+        bad = next(ch for ch in text if ch in _FORBIDDEN)
+        return f"text contains the control character U+{ord(bad):04X}"
+    if has_lone_surrogate(text):
+        return "text contains a lone surrogate"
+    return None
+
+
+def utf8_size(text: str) -> int:
+    """UTF-8 length, counting a lone surrogate as the 3 bytes it would take."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+# --- §4 client -> server messages ---
+
+
+@dataclass(frozen=True)
+class Join:
+    name: str  # normalised (NFKC) and valid
+
+
+@dataclass(frozen=True)
+class Say:
+    text: str
+
+
+@dataclass(frozen=True)
+class Dm:
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Who:
+    pass
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: Any = None
+
+
+@dataclass(frozen=True)
+class Leave:
+    pass
+
+
+ClientMessage = Union[Join, Say, Dm, Who, Ping, Leave]
+
+
+def message_type(obj: dict[str, Any]) -> str:
+    """The first check of §4's order: a known type, else `bad_message`."""
+    kind = obj["type"]
+    if kind not in CLIENT_TYPES:
+        shown = kind if not has_lone_surrogate(kind) else repr(kind)
+        raise Refused("bad_message", f"unknown message type {shown[:40]!r}")
+    return kind
+
+
+def _string_field(obj: dict[str, Any], field: str, kind: str) -> str:
+    value = obj.get(field)
+    if not isinstance(value, str):
+        raise Refused("bad_message", f"{kind} needs a string field {field!r}")
+    return value
+
+
+def _checked_text(text: str, max_text: int) -> str:
+    size = utf8_size(text)
+    if size > max_text:
+        raise Refused("too_long", f"text of {size} bytes exceeds the limit of {max_text}")
+    problem = text_problem(text)
+    if problem:
+        raise Refused("bad_message", problem)
+    return text
+
+
+def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) -> ClientMessage:
+    """Fields, size and content checks of §4 for one message whose type is known.
+
+    The caller has already checked the type (`message_type`) and the joined
+    state, which come first in §4's order; name-free, recipient and rate
+    checks need server state and come after.
+    """
+    kind = message_type(obj)
+    if kind == "say":
+        return Say(_checked_text(_string_field(obj, "text", kind), max_text))
+    if kind == "dm":
+        to = _string_field(obj, "to", kind)
+        text = _string_field(obj, "text", kind)
+        return Dm(to=to, text=_checked_text(text, max_text))
+    if kind == "join":
+        raw = _string_field(obj, "name", kind)
+        name = None if has_lone_surrogate(raw) else valid_name(raw)
+        if name is None:
+            raise Refused(
+                "invalid_name",
+                "a name is 1-32 letters, digits, marks or _-. starting with a letter or digit, "
+                "in one of Latin, Cyrillic or Greek at most",
+            )
+        return Join(name)
+    if kind == "ping":
+        ping_id = obj.get("id")
+        if _json_has_lone_surrogate(ping_id):
+            raise Refused("bad_message", "ping id holds a lone surrogate")
+        return Ping(ping_id)
+    if kind == "who":
+        return Who()
+    return Leave()
+
+
+def encode_client_message(msg: ClientMessage) -> bytes:
+    """Client side: one message object for a record."""
+    if isinstance(msg, Join):
+        return encode_message({"type": "join", "name": msg.name})
+    if isinstance(msg, Say):
+        return encode_message({"type": "say", "text": msg.text})
+    if isinstance(msg, Dm):
+        return encode_message({"type": "dm", "to": msg.to, "text": msg.text})
+    if isinstance(msg, Who):
+        return encode_message({"type": "who"})
+    if isinstance(msg, Ping):
+        return encode_message({"type": "ping", "id": msg.id})
+    return encode_message({"type": "leave"})
+
+
+# --- §4 server -> client messages ---
+
+
+@dataclass(frozen=True)
+class Welcome:
+    name: str
+    users: list[str]
+    max_text: int
+    rate: int
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    sender: str
+    text: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class DirectMessage:
+    id: int
+    sender: str
+    to: str
+    text: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class Joined:
+    name: str
+
+
+@dataclass(frozen=True)
+class Left:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Users:
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class Pong:
+    id: Any
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A server message of a type this client does not know; ignored, not fatal."""
+
+    type: str
+
+
+ServerMessage = Union[
+    Welcome, Message, DirectMessage, Joined, Left, Users, Pong, Error, Bye, Unknown
+]
+
+
+def welcome(name: str, users: list[str], max_text: int, rate: int) -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "name": name,
+        "users": sorted(users),
+        "max_text": max_text,
+        "rate": rate,
+    }
+
+
+def message(msg_id: int, sender: str, text: str, ts: int) -> dict[str, Any]:
+    return {"type": "message", "id": msg_id, "from": sender, "text": text, "ts": ts}
+
+
+def direct(msg_id: int, sender: str, to: str, text: str, ts: int) -> dict[str, Any]:
+    return {"type": "dm", "id": msg_id, "from": sender, "to": to, "text": text, "ts": ts}
+
+
+def joined(name: str) -> dict[str, Any]:
+    return {"type": "joined", "name": name}
+
+
+def left(name: str, reason: str) -> dict[str, Any]:
+    return {"type": "left", "name": name, "reason": reason}
+
+
+def users(names: list[str]) -> dict[str, Any]:
+    return {"type": "users", "names": sorted(names)}
+
+
+def pong(ping_id: Any) -> dict[str, Any]:
+    return {"type": "pong", "id": ping_id}
+
+
+def error(code: str, text: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": text}
+
+
+def bye(reason: str) -> dict[str, Any]:
+    return {"type": "bye", "reason": reason}
+
+
+class _Fields:
+    """Typed access to a server message's fields; a wrong one is ByeProtocol."""
+
+    def __init__(self, obj: dict[str, Any]):
+        self.obj = obj
+        self.kind = obj["type"]
+
+    def get(self, field: str, kind: type | tuple[type, ...]) -> Any:
+        value = self.obj.get(field)
+        # bool is an int in Python; JSON true/false must not pass as an id or a count.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise ByeProtocol(f"server {self.kind} has a bad field {field!r}")
+        return value
+
+    def strings(self, field: str) -> list[str]:
+        values = self.get(field, list)
+        if not all(isinstance(v, str) for v in values):
+            raise ByeProtocol(f"server {self.kind} field {field!r} is not a list of strings")
+        return values
+
+
+def parse_server_message(obj: dict[str, Any]) -> ServerMessage:
+    """Client side: validate one server message object; malformed is ByeProtocol."""
+    f = _Fields(obj)
+    kind = f.kind
+    if kind == "message":
+        return Message(f.get("id", int), f.get("from", str), f.get("text", str), f.get("ts", int))
+    if kind == "dm":
+        return DirectMessage(
+            f.get("id", int),
+            f.get("from", str),
+            f.get("to", str),
+            f.get("text", str),
+            f.get("ts", int),
+        )
+    if kind == "welcome":
+        return Welcome(
+            f.get("name", str), f.strings("users"), f.get("max_text", int), f.get("rate", int)
+        )
+    if kind == "joined":
+        return Joined(f.get("name", str))
+    if kind == "left":
+        return Left(f.get("name", str), f.get("reason", str))
+    if kind == "users":
+        return Users(f.strings("names"))
+    if kind == "pong":
+        return Pong(obj.get("id"))
+    if kind == "error":
+        return Error(f.get("code", str), f.get("message", str))
+    if kind == "bye":
+        return Bye(f.get("reason", str))
+    return Unknown(kind)
