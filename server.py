@@ -1,0 +1,944 @@
+"""bcast/1 broadcast server: one thread per client, one shared message log.
+
+Run `python3 server.py --help` for the flags. The wire protocol is PROTOCOL.md
+(bcast/1); docs/PROTOCOL.md explains it in our words.
+
+Rules of this module (read before changing it):
+  * Threads. Per connection: a *reader* (handshake, then records in, every
+    check, id assignment) and, once keyed, a *writer* (the only thread that
+    seals and sends that connection's records, so counter order is wire
+    order). Plus one accept thread and one reaper (timeouts).
+  * One lock, `Hub.lock`, guards the registry, the shared log and every
+    connection's delivery state (cursor, private queue, closing flags).
+    Under it: only list/bytes bookkeeping. Never I/O, never crypto, never
+    JSON of user data. Snapshot under the lock, act outside it.
+  * The log. Every broadcast (message, joined, left) is encoded once and
+    appended to one bytearray; each receiver has a cursor into it. A writer
+    takes everything between its cursor and the end (skipping its own
+    `say`s, merging its private items such as dm/pong/error at their log
+    positions) and sends it as ONE record. The cost per message x recipient
+    is a memcpy; Python work happens per flush. `id` order is log order.
+  * Sockets. Readers block in recv. Writers send with MSG_DONTWAIT and poll,
+    so a send never waits more than `send_timeout`. Only the reader closes
+    its socket (after its writer ended); others wake it with shutdown().
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crypto_utils
+import protocol
+from crypto_utils import CryptoError
+from protocol import ByeProtocol, CloseSilently, Refused
+
+log = logging.getLogger("bcast.server")
+
+# --- defaults, each from PROTOCOL.md unless said otherwise ---
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator opens it up on purpose
+DEFAULT_PORT = 12345
+DEFAULT_MAX_CLIENTS = 1000
+DEFAULT_RATE = 10  # §4: tokens per second and bucket capacity
+DEFAULT_MAX_TEXT = protocol.DEFAULT_MAX_TEXT
+DEFAULT_IDLE_TIMEOUT_S = 120.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_SEND_TIMEOUT_S = 5.0
+DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024
+RECV_CHUNK_BYTES = 256 * 1024
+# Small stacks let thousands of mostly idle threads fit; 256 KiB still holds the
+# C JSON decoder's deepest recursion (it stops at Python's recursion limit).
+THREAD_STACK_BYTES = 256 * 1024
+# How much log may accumulate between two scans for slow receivers (and trimming).
+COMPACT_STEP_MAX_BYTES = 1024 * 1024
+# Per record: the JSON array brackets replace one trailing comma, so budget + 1.
+RECORD_BUDGET = protocol.MAX_RECORD_PLAINTEXT - 1
+# §3: never seal a record that would take the counter to 2**32; keep one for `bye`.
+LAST_DATA_SEQ = crypto_utils.MAX_RECORDS_PER_DIRECTION - 2
+SHUTDOWN_GRACE_S = 1.5  # §4 SIGTERM: we promise an exit within 2 s
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of the server; the CLI fills it from flags and BCAST_* variables."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    key_file: Path = field(default_factory=lambda: default_key_file())
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    rate: int = DEFAULT_RATE
+    max_text: int = DEFAULT_MAX_TEXT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S
+    max_pending: int = DEFAULT_MAX_PENDING_BYTES
+    log_level: str = "INFO"
+
+
+def default_key_file() -> Path:
+    """$XDG_DATA_HOME/bcast/server_key.pem, i.e. ~/.local/share/bcast/ by default."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "bcast" / "server_key.pem"
+
+
+class SlowPeer(Exception):
+    """A send could not complete within `send_timeout`."""
+
+
+def send_with_deadline(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """Send all of `data`, waiting at most `timeout` seconds in total for buffer space."""
+    view = memoryview(data)
+    deadline: float | None = None
+    while view:
+        try:
+            sent = sock.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            if now >= deadline:
+                raise SlowPeer from None
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            poller.poll(max(1, int((deadline - now) * 1000)))
+            continue
+        view = view[sent:]
+
+
+def wake(sock: socket.socket) -> None:
+    """Unblock the threads using `sock` (the reader's recv returns); the fd stays open."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Bucket:
+    """§4 rate limit: capacity `rate`, refilled at `rate` tokens/s, full at join."""
+
+    def __init__(self, rate: int, now: float):
+        self.rate = rate
+        self.tokens = float(rate)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        if self.rate == 0:
+            return True
+        self.tokens = min(float(self.rate), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Conn:
+    """One client connection. Fields marked (lock) are guarded by Hub.lock."""
+
+    def __init__(self, sock: socket.socket, addr: tuple[Any, ...], now: float):
+        self.sock = sock
+        self.peer = f"{addr[0]}:{addr[1]}"
+        self.accepted_at = now
+        self.last_seen = now  # written by the reader only; read racily by the reaper
+        self.rx: crypto_utils.RecordCipher | None = None  # reader only
+        self.tx: crypto_utils.RecordCipher | None = None  # writer only
+        self.bucket: Bucket | None = None  # reader only
+        self.writer: threading.Thread | None = None
+        self.wake: threading.Condition | None = None  # on Hub.lock; the writer sleeps here
+        # (lock) delivery and lifecycle state
+        self.name: str | None = None  # set once joined
+        self.keyed = False
+        self.cursor: int | None = None  # absolute log position; None until joined
+        self.private: deque[tuple[int, bytes]] = deque()  # (log position, entry)
+        self.private_bytes = 0
+        self.own: deque[tuple[int, int]] = deque()  # log spans of its own says, skipped
+        self.own_bytes = 0
+        self.final_end: int | None = None  # after removal: deliver the log up to here
+        self.removed = False
+        self.reason: str | None = None  # why it left (first cause wins)
+        self.bye: str | None = None  # a bye still to send, then close
+        self.stop = False  # writer: stop now, send nothing more
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.peer} {self.name or '-'}>"
+
+
+def entry(obj: dict[str, Any]) -> bytes:
+    """A message as it sits in the log or a private queue: JSON plus a trailing comma."""
+    return protocol.encode_message(obj) + b","
+
+
+class Hub:
+    """The registry and the log; every method named *_locked expects `lock` held."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        # Guards everything below and every Conn's (lock) fields.
+        self.lock = threading.Lock()
+        self.conns: set[Conn] = set()  # every open connection (max_clients counts these)
+        self.joined: dict[str, Conn] = {}  # name_key -> joined connection
+        self.receivers: set[Conn] = set()  # keyed connections whose writer reads the log
+        self.idle_writers: set[Conn] = set()  # writers asleep on their condition
+        self.log = bytearray()
+        self.base = 0  # absolute position of log[0]
+        self.ends: list[int] = []  # absolute end of each entry in the log, ascending
+        self.next_id = 1
+        self.compact_step = max(1024, min(COMPACT_STEP_MAX_BYTES, settings.max_pending // 4))
+        self.compact_at = self.compact_step
+        self.shutting_down = False
+
+    @property
+    def log_end(self) -> int:
+        return self.base + len(self.log)
+
+    # --- appending (lock held) ---
+
+    def _wake_writers_locked(self) -> None:
+        for conn in self.idle_writers:
+            conn.wake.notify()
+        self.idle_writers.clear()
+
+    def _append_locked(self, data: bytes) -> tuple[int, int]:
+        start = self.log_end
+        self.log += data
+        end = start + len(data)
+        self.ends.append(end)
+        self._wake_writers_locked()
+        return start, end
+
+    def push_private_locked(self, conn: Conn, data: bytes) -> None:
+        """Queue `data` for `conn` alone, ordered at the current end of the log."""
+        if conn.removed or not conn.keyed:
+            return
+        conn.private.append((self.log_end, data))
+        conn.private_bytes += len(data)
+        if conn in self.idle_writers:
+            self.idle_writers.discard(conn)
+            conn.wake.notify()
+
+    def halt_locked(self, conn: Conn, reason: str) -> bool:
+        """Remove `conn` and stop its writer at once, no `bye` (slow, broken record)."""
+        first = self.remove_locked(conn, reason)
+        conn.stop = True
+        self.receivers.discard(conn)  # its cursor must no longer pin the log
+        if conn.wake is not None:
+            self.idle_writers.discard(conn)
+            conn.wake.notify()
+        return first
+
+    def lag_locked(self, conn: Conn) -> int:
+        """Bytes waiting for `conn` (§4 max_pending): its log slice plus private items."""
+        behind = 0 if conn.cursor is None else self.log_end - conn.cursor - conn.own_bytes
+        return behind + conn.private_bytes
+
+    def compact_locked(self) -> list[Conn]:
+        """Every `compact_step` bytes: drop receivers over max_pending, trim the log.
+
+        Returns the connections dropped as slow; the caller wakes their sockets.
+        """
+        if len(self.log) < self.compact_at:
+            return []
+        slow = [c for c in self.receivers if self.lag_locked(c) > self.settings.max_pending]
+        for conn in slow:
+            self.halt_locked(conn, "slow")
+        low = min((c.cursor for c in self.receivers if c.cursor is not None), default=self.log_end)
+        if low > self.base:
+            del self.log[: low - self.base]
+            self.base = low
+            del self.ends[: bisect.bisect_right(self.ends, low)]
+        self.compact_at = len(self.log) + self.compact_step
+        return slow
+
+    def remove_locked(self, conn: Conn, reason: str) -> bool:
+        """Unregister once; announce `left` if it had joined. False if already removed."""
+        if conn.removed:
+            return False
+        conn.removed = True
+        conn.reason = reason
+        if conn.name is not None:
+            del self.joined[protocol.name_key(conn.name)]
+            conn.final_end = self.log_end
+            if not self.shutting_down:
+                self._append_locked(entry(protocol.left(conn.name, reason)))
+        if conn.wake is not None and conn in self.idle_writers:
+            self.idle_writers.discard(conn)
+            conn.wake.notify()
+        return True
+
+    # --- taking (lock held, writer thread) ---
+
+    def take_locked(self, conn: Conn) -> list[bytes]:
+        """Everything due to `conn`, up to one record's budget, in delivery order."""
+        pieces: list[bytes] = []
+        room = RECORD_BUDGET
+        private, own = conn.private, conn.own
+        pos = conn.cursor
+        end = conn.final_end if conn.final_end is not None else self.log_end
+        while True:
+            while private and (pos is None or private[0][0] <= pos):
+                data = private[0][1]
+                if len(data) > room:
+                    return pieces
+                pieces.append(data)
+                room -= len(data)
+                conn.private_bytes -= len(data)
+                private.popleft()
+            if pos is None or pos >= end:
+                return pieces
+            if own and own[0][0] == pos:  # the sender does not receive its own say
+                start, stop = own.popleft()
+                conn.own_bytes -= stop - start
+                pos = conn.cursor = stop
+                continue
+            stop = end
+            if private:
+                stop = min(stop, private[0][0])
+            if own:
+                stop = min(stop, own[0][0])
+            if stop - pos > room:
+                i = bisect.bisect_right(self.ends, pos + room)
+                cut = self.ends[i - 1] if i else pos
+                if cut <= pos:
+                    return pieces
+                stop = cut
+            pieces.append(bytes(self.log[pos - self.base : stop - self.base]))
+            room -= stop - pos
+            pos = conn.cursor = stop
+
+
+class Server:
+    """Owns the listening socket, the hub and every thread."""
+
+    def __init__(self, settings: Settings, key: Any | None = None):
+        self.settings = settings
+        self.key = (
+            key if key is not None else crypto_utils.load_or_create_server_key(settings.key_file)
+        )
+        self.spki = crypto_utils.spki_der(self.key)
+        self.fingerprint = crypto_utils.fingerprint(self.spki)
+        self.hub = Hub(settings)
+        self.listener: socket.socket | None = None
+        self.address: tuple[str, int] = (settings.host, settings.port)
+        self._threads: list[threading.Thread] = []
+        self._readers: set[threading.Thread] = set()  # guarded by hub.lock
+        self._reaper_wake = threading.Event()
+        self._stopped = threading.Event()
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Bind, listen and start the accept and reaper threads."""
+        threading.stack_size(THREAD_STACK_BYTES)
+        raise_fd_limit(self.settings.max_clients)
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.host, self.settings.port))
+            sock.listen(min(socket.SOMAXCONN, 4096))
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.address = sock.getsockname()[:2]
+        for target, name in ((self._accept_loop, "accept"), (self._reap_loop, "reaper")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """§4 SIGTERM: stop accepting, `bye` (shutdown) to keyed clients, no `left`."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.listener is not None:
+            wake(self.listener)
+            self.listener.close()
+        to_wake: list[socket.socket] = []
+        with self.hub.lock:
+            self.hub.shutting_down = True
+            for conn in self.hub.conns:
+                if conn.keyed and conn.writer is not None:
+                    self.hub.remove_locked(conn, "shutdown")
+                    conn.bye = "shutdown"
+                    if conn.wake is not None:
+                        self.hub.idle_writers.discard(conn)
+                        conn.wake.notify()
+                else:
+                    to_wake.append(conn.sock)
+            readers = list(self._readers)
+        for sock in to_wake:
+            wake(sock)
+        self._reaper_wake.set()
+        deadline = time.monotonic() + grace
+        for thread in readers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        log.info("server stopped")
+
+    # --- accepting ---
+
+    def _accept_loop(self) -> None:
+        assert self.listener is not None
+        while not self._stopped.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except OSError as exc:
+                if self._stopped.is_set():
+                    return
+                log.warning("accept failed: %s", exc)  # e.g. EMFILE: keep serving others
+                time.sleep(0.05)
+                continue
+            self._admit(sock, addr)
+
+    def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Conn(sock, addr, time.monotonic())
+        with self.hub.lock:
+            full = len(self.hub.conns) >= self.settings.max_clients
+            if not full:
+                self.hub.conns.add(conn)
+        if full:
+            log.info(
+                "refused %s: server full (%d connections)", conn.peer, self.settings.max_clients
+            )
+            refusal = protocol.encode_frame(
+                protocol.encode_server_full(
+                    f"the server is full ({self.settings.max_clients} connections); try later"
+                )
+            )
+            try:
+                sock.send(refusal, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            sock.close()
+            return
+        thread = threading.Thread(target=self._serve, args=(conn,), name=f"reader {conn.peer}")
+        thread.daemon = True
+        with self.hub.lock:
+            self._readers.add(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # cannot start a thread: refuse this one, keep going
+            log.warning("refused %s: %s", conn.peer, exc)
+            with self.hub.lock:
+                self._readers.discard(thread)
+                self.hub.conns.discard(conn)
+            sock.close()
+        else:
+            log.info("connect from %s", conn.peer)
+
+    # --- one connection: reader thread ---
+
+    def _serve(self, conn: Conn) -> None:
+        decoder = protocol.FrameDecoder(protocol.MAX_HANDSHAKE_FRAME)
+        try:
+            self._handshake(conn, decoder)
+            self._read_records(conn, decoder)
+        except CloseSilently as exc:
+            self._drop(conn, "protocol", bye=conn.keyed, why=str(exc))
+        except CryptoError as exc:
+            self._drop(conn, "protocol", bye=False, why=str(exc))
+        except ByeProtocol as exc:
+            self._drop(conn, "protocol", bye=True, why=str(exc))
+        except EOFError:
+            self._drop(conn, "disconnect", bye=False, why="closed by peer")
+        except OSError as exc:
+            self._drop(conn, "disconnect", bye=False, why=exc.strerror or str(exc))
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("internal error on %s", conn.peer)
+            self._drop(conn, "protocol", bye=False, why="internal error")
+        finally:
+            self._finish(conn)
+
+    def _recv_frame(self, conn: Conn, decoder: protocol.FrameDecoder) -> bytes:
+        """The next frame body; raises EOFError when the peer (or a waker) closed."""
+        while True:
+            body = decoder.next_frame()
+            if body is not None:
+                return body
+            data = conn.sock.recv(RECV_CHUNK_BYTES)
+            if not data:
+                raise EOFError
+            conn.last_seen = time.monotonic()
+            decoder.feed(data)
+
+    def _handshake(self, conn: Conn, decoder: protocol.FrameDecoder) -> None:
+        """§2: hello out, key in, session keys; then the channel is up and a writer runs."""
+        nonce = crypto_utils.random_bytes(protocol.NONCE_BYTES)
+        eph = crypto_utils.Ephemeral()
+        hello = protocol.Hello(key=self.spki, nonce=nonce, eph=eph.public)
+        conn.sock.sendall(protocol.encode_frame(protocol.encode_hello(hello)))
+        body = self._recv_frame(conn, decoder)
+        key_msg = protocol.parse_key(body)
+        k_c2s, k_s2c = crypto_utils.server_keys(
+            self.key, self.spki, nonce, eph, key_msg.nonce, key_msg.secret, key_msg.eph
+        )
+        del eph  # forward secrecy: the private half is gone (exchange() already dropped it)
+        decoder.max_len = protocol.MAX_RECORD_FRAME
+        conn.rx = crypto_utils.RecordCipher(k_c2s)
+        conn.tx = crypto_utils.RecordCipher(k_s2c)
+        writer = threading.Thread(target=self._write_loop, args=(conn,), name=f"writer {conn.peer}")
+        writer.daemon = True
+        with self.hub.lock:
+            if conn.removed or self.hub.shutting_down:
+                raise EOFError
+            conn.wake = threading.Condition(self.hub.lock)
+            conn.writer = writer
+            conn.keyed = True
+            self.hub.receivers.add(conn)
+        writer.start()
+
+    def _read_records(self, conn: Conn, decoder: protocol.FrameDecoder) -> None:
+        """§3: open each record, decode it, apply its messages in order."""
+        assert conn.rx is not None
+        while True:
+            try:
+                body = self._recv_frame(conn, decoder)
+            except CloseSilently as exc:  # a bad length after key: bye (protocol)
+                raise ByeProtocol(str(exc)) from None
+            plaintext = conn.rx.open(body)
+            for obj in protocol.decode_record(plaintext):
+                if not self._apply(conn, obj):
+                    return
+
+    # --- messages (reader thread) ---
+
+    def _apply(self, conn: Conn, obj: dict[str, Any]) -> bool:
+        """Apply one message; False once the connection is to end (leave)."""
+        try:
+            kind = protocol.message_type(obj)
+            if conn.name is None and kind in ("say", "dm", "who"):
+                raise Refused("not_joined", f"join before sending {kind}")
+            if conn.name is not None and kind == "join":
+                raise Refused("already_joined", f"you already joined as {conn.name}")
+            msg = protocol.parse_client_message(obj, self.settings.max_text)
+            if isinstance(msg, protocol.Say):
+                self._say(conn, msg)
+            elif isinstance(msg, protocol.Dm):
+                self._dm(conn, msg)
+            elif isinstance(msg, protocol.Join):
+                self._join(conn, msg)
+            elif isinstance(msg, protocol.Ping):
+                self._reply(conn, protocol.pong(msg.id))
+            elif isinstance(msg, protocol.Who):
+                with self.hub.lock:
+                    names = [c.name for c in self.hub.joined.values()]
+                self._reply(conn, protocol.users(names))
+            else:
+                self._leave(conn)
+                return False
+        except Refused as refusal:
+            log.debug("refused from %s: %s (%s)", conn.peer, refusal.code, refusal.message)
+            self._reply(conn, protocol.error(refusal.code, refusal.message))
+        return True
+
+    def _reply(self, conn: Conn, obj: dict[str, Any]) -> None:
+        try:
+            data = entry(obj)
+        except ValueError:  # e.g. a ping id that JSON cannot carry back (a huge integer)
+            data = entry(protocol.error("bad_message", "ping id cannot be echoed"))
+        if len(data) > RECORD_BUDGET:
+            data = entry(protocol.error("bad_message", "the reply would exceed a record"))
+        with self.hub.lock:
+            self.hub.push_private_locked(conn, data)
+            slow = self.hub.lag_locked(conn) > self.settings.max_pending
+            if slow:
+                self.hub.halt_locked(conn, "slow")
+        if slow:
+            log.info("dropped %s: over %d pending bytes", conn, self.settings.max_pending)
+            wake(conn.sock)
+
+    def _join(self, conn: Conn, msg: protocol.Join) -> None:
+        key = protocol.name_key(msg.name)
+        now = time.monotonic()
+        with self.hub.lock:
+            if key in self.hub.joined:
+                taken = True
+            else:
+                taken = False
+                others = [c.name for c in self.hub.joined.values()]
+                self.hub._append_locked(entry(protocol.joined(msg.name)))
+                self.hub.joined[key] = conn
+                conn.name = msg.name
+                conn.cursor = self.hub.log_end
+                conn.bucket = Bucket(self.settings.rate, now)
+                self.hub.push_private_locked(
+                    conn,
+                    entry(
+                        protocol.welcome(
+                            msg.name, others, self.settings.max_text, self.settings.rate
+                        )
+                    ),
+                )
+        if taken:
+            raise Refused("name_taken", f"the name {msg.name} is taken")
+        log.info("%s joined as %r", conn.peer, msg.name)
+
+    def _say(self, conn: Conn, msg: protocol.Say) -> None:
+        head, tail = self._message_parts(conn, msg.text)
+        now = time.monotonic()
+        slow: list[Conn] = []
+        with self.hub.lock:
+            if conn.removed:
+                return
+            if not conn.bucket.take(now):
+                limited = True
+            else:
+                limited = False
+                msg_id = self.hub.next_id
+                self.hub.next_id += 1
+                span = self.hub._append_locked(b"%s%d%s" % (head, msg_id, tail))
+                conn.own.append(span)
+                conn.own_bytes += span[1] - span[0]
+                slow = self.hub.compact_locked()
+        if limited:
+            raise Refused("rate_limited", f"more than {self.settings.rate} messages per second")
+        self._wake_slow(slow)
+
+    def _dm(self, conn: Conn, msg: protocol.Dm) -> None:
+        text = json.dumps(msg.text, ensure_ascii=False).encode()
+        sender = json.dumps(conn.name, ensure_ascii=False).encode()
+        ts = int(time.time() * 1000)
+        now = time.monotonic()
+        overflow = False
+        with self.hub.lock:
+            target = self.hub.joined.get(protocol.name_key(msg.to))
+            if target is None:
+                problem = "unknown_user"
+            elif not conn.bucket.take(now):
+                problem = "rate_limited"
+            else:
+                problem = None
+                msg_id = self.hub.next_id
+                self.hub.next_id += 1
+                to = json.dumps(target.name, ensure_ascii=False).encode()
+                data = b'{"type":"dm","id":%d,"from":%s,"to":%s,"text":%s,"ts":%d},' % (
+                    msg_id,
+                    sender,
+                    to,
+                    text,
+                    ts,
+                )
+                self.hub.push_private_locked(target, data)
+                overflow = self.hub.lag_locked(target) > self.settings.max_pending
+                if overflow:
+                    self.hub.halt_locked(target, "slow")
+        if problem == "unknown_user":
+            raise Refused("unknown_user", f"no user named {msg.to[:64]}")
+        if problem == "rate_limited":
+            raise Refused("rate_limited", f"more than {self.settings.rate} messages per second")
+        if overflow:
+            self._wake_slow([target])
+
+    @staticmethod
+    def _message_parts(conn: Conn, text: str) -> tuple[bytes, bytes]:
+        """The bytes of a `message` around its id, encoded outside the lock."""
+        sender = json.dumps(conn.name, ensure_ascii=False).encode()
+        body = json.dumps(text, ensure_ascii=False).encode()
+        ts = int(time.time() * 1000)
+        head = b'{"type":"message","id":'
+        tail = b',"from":%s,"text":%s,"ts":%d},' % (sender, body, ts)
+        return head, tail
+
+    def _leave(self, conn: Conn) -> None:
+        with self.hub.lock:
+            self.hub.remove_locked(conn, "leave")
+            conn.bye = "leave"
+        log.info("%s left", conn.name or conn.peer)
+
+    def _wake_slow(self, slow: list[Conn]) -> None:
+        for conn in slow:
+            log.info("dropped %s: over %d pending bytes", conn, self.settings.max_pending)
+            wake(conn.sock)
+
+    # --- one connection: writer thread ---
+
+    def _write_loop(self, conn: Conn) -> None:
+        """The only sender on `conn` once keyed: take what is due, seal it, send it."""
+        assert conn.tx is not None and conn.wake is not None
+        hub = self.hub
+        try:
+            while True:
+                final = False
+                with hub.lock:
+                    while True:
+                        if conn.stop:
+                            return
+                        pieces = hub.take_locked(conn)
+                        if pieces:
+                            break
+                        if conn.bye is not None or conn.removed:
+                            if conn.bye is None:
+                                return  # removed without a bye (disconnect, slow)
+                            pieces, final = [entry(protocol.bye(conn.bye))], True
+                            break
+                        hub.idle_writers.add(conn)
+                        conn.wake.wait()
+                        hub.idle_writers.discard(conn)
+                if conn.tx.seq >= LAST_DATA_SEQ:  # §3: close before the counter runs out
+                    pieces, final = [entry(protocol.bye("shutdown"))], True
+                plaintext = bytearray(b"[")
+                for piece in pieces:
+                    plaintext += piece
+                plaintext[-1] = 0x5D  # the last trailing comma becomes "]"
+                record = conn.tx.seal(bytes(plaintext))
+                send_with_deadline(
+                    conn.sock, protocol.encode_frame(record), self.settings.send_timeout
+                )
+                if final:
+                    return
+        except SlowPeer:
+            with hub.lock:
+                removed = hub.halt_locked(conn, "slow")
+            if removed:
+                log.info("dropped %s: a send blocked over %.1f s", conn, self.settings.send_timeout)
+        except OSError:
+            pass  # the peer is gone; the reader sees it too and reports it
+        finally:
+            wake(conn.sock)
+
+    # --- ending a connection ---
+
+    def _drop(self, conn: Conn, reason: str, *, bye: bool, why: str) -> None:
+        """End `conn` for `reason`; with `bye`, the writer sends it before closing."""
+        with self.hub.lock:
+            if bye and conn.writer is not None and conn.bye is None and not conn.stop:
+                first = self.hub.remove_locked(conn, reason)
+                conn.bye = reason
+                if conn.wake is not None:
+                    self.hub.idle_writers.discard(conn)
+                    conn.wake.notify()
+            elif conn.bye is None:
+                first = self.hub.halt_locked(conn, reason)
+            else:
+                first = False
+        if first:
+            level = logging.INFO if reason != "disconnect" or conn.name else logging.DEBUG
+            log.log(level, "%s closed (%s): %s", conn, reason, why)
+
+    def _finish(self, conn: Conn) -> None:
+        """Reader's last act: wait for the writer, close the socket, forget the connection."""
+        if conn.stop:
+            wake(conn.sock)  # a writer blocked in send must not make us wait
+        if conn.writer is not None:
+            conn.writer.join(self.settings.send_timeout + 1.0)
+        wake(conn.sock)
+        conn.sock.close()
+        with self.hub.lock:
+            self.hub.conns.discard(conn)
+            self.hub.receivers.discard(conn)
+            self.hub.idle_writers.discard(conn)
+            conn.private.clear()
+            self._readers.discard(threading.current_thread())
+        self._reaper_wake.set()
+
+    # --- timeouts: reaper thread ---
+
+    def _reap_loop(self) -> None:
+        """§4 Timeouts: handshake (from accept) and idle (joined, nothing received)."""
+        s = self.settings
+        tick = max(0.01, min(0.5, s.handshake_timeout / 4, s.idle_timeout / 4))
+        while not self._stopped.is_set():
+            self._reaper_wake.wait(tick)
+            self._reaper_wake.clear()
+            now = time.monotonic()
+            with self.hub.lock:
+                expired = [
+                    c
+                    for c in self.hub.conns
+                    if not c.removed
+                    and (
+                        (c.name is None and now - c.accepted_at >= s.handshake_timeout)
+                        or (c.name is not None and now - c.last_seen >= s.idle_timeout)
+                    )
+                ]
+            for conn in expired:
+                if conn.keyed:
+                    self._drop(conn, "timeout", bye=True, why="timed out")
+                else:
+                    with self.hub.lock:
+                        self.hub.remove_locked(conn, "timeout")
+                    log.info("%s closed: no handshake within %.1f s", conn, s.handshake_timeout)
+                    wake(conn.sock)
+
+
+def raise_fd_limit(max_clients: int) -> None:
+    """Lift the soft open-file limit to the hard one; warn if it cannot fit max_clients."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to do
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, max_clients + 64)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_clients + 32:
+        log.warning(
+            "the open-file limit is %d, below the %d that --max-clients %d needs",
+            soft,
+            max_clients + 32,
+            max_clients,
+        )
+
+
+# --- command line ---
+
+
+# (flag, type, default, help): every flag also reads BCAST_<FLAG> from the environment.
+FLAGS: list[tuple[str, Any, Any, str]] = [
+    ("host", str, DEFAULT_HOST, "address to listen on"),
+    ("port", int, DEFAULT_PORT, "TCP port, 0 for any free one"),
+    (
+        "key-file",
+        Path,
+        None,
+        "server RSA key, created if missing (default $XDG_DATA_HOME/bcast/server_key.pem)",
+    ),
+    ("max-clients", int, DEFAULT_MAX_CLIENTS, "most connections at once, joined or not"),
+    ("rate", int, DEFAULT_RATE, "say/dm per second per client, also the burst; 0 = no limit"),
+    ("max-text", int, DEFAULT_MAX_TEXT, "longest text in UTF-8 bytes"),
+    ("idle-timeout", float, DEFAULT_IDLE_TIMEOUT_S, "seconds a joined client may stay silent"),
+    ("handshake-timeout", float, DEFAULT_HANDSHAKE_TIMEOUT_S, "seconds from connect to join"),
+    (
+        "send-timeout",
+        float,
+        DEFAULT_SEND_TIMEOUT_S,
+        "seconds one send may block before that client is dropped as slow",
+    ),
+    (
+        "max-pending",
+        int,
+        DEFAULT_MAX_PENDING_BYTES,
+        "bytes that may wait for one client before it is dropped as slow",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="server.py",
+        description="bcast/1 encrypted group-chat server. Each flag falls back to the "
+        "environment variable named in its help.",
+    )
+    for flag, kind, default, text in FLAGS:
+        env = "BCAST_" + flag.upper().replace("-", "_")
+        shown = f" (default {default})" if default is not None else ""
+        p.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=os.environ.get(env, default),
+            help=f"{text}; {env}{shown}",
+        )
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        default=os.environ.get("BCAST_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="BCAST_LOG_LEVEL (default INFO)",
+    )
+    return p
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse converts string defaults from the environment
+    checks = [
+        (0 <= args.port <= 65535, "--port must be 0..65535"),
+        (args.max_clients >= 1, "--max-clients must be at least 1"),
+        (args.rate >= 0, "--rate must be 0 (no limit) or more"),
+        (
+            1 <= args.max_text <= 48 * 1024,
+            "--max-text must be 1..49152 bytes (a record holds 1 MiB)",
+        ),
+        (args.idle_timeout > 0, "--idle-timeout must be positive"),
+        (args.handshake_timeout > 0, "--handshake-timeout must be positive"),
+        (args.send_timeout > 0, "--send-timeout must be positive"),
+        (args.max_pending >= 65536, "--max-pending must be at least 65536 bytes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return Settings(
+        host=args.host,
+        port=args.port,
+        key_file=Path(args.key_file) if args.key_file else default_key_file(),
+        max_clients=args.max_clients,
+        rate=args.rate,
+        max_text=args.max_text,
+        idle_timeout=args.idle_timeout,
+        handshake_timeout=args.handshake_timeout,
+        send_timeout=args.send_timeout,
+        max_pending=args.max_pending,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        server = Server(settings)
+    except CryptoError as exc:
+        print(f"server.py: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server.start()
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        print(f"server.py: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    host, port = server.address
+    print(f"bcast server listening on {host}:{port}", flush=True)
+    print(f"key file: {settings.key_file}", flush=True)
+    print(f"fingerprint: {server.fingerprint}", flush=True)
+    print(
+        f"connect with: python3 client.py --host {host} --port {port} "
+        f"--fingerprint {server.fingerprint}",
+        flush=True,
+    )
+    log.info("listening on %s:%d, fingerprint %s", host, port, server.fingerprint)
+    return run_until_signal(server)
+
+
+def run_until_signal(server: Server) -> int:
+    """Serve until SIGINT or SIGTERM; a second signal exits at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            os._exit(130)
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
