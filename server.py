@@ -616,6 +616,8 @@ class Server:
         overflow = False
         with self.hub.lock:
             target = self.hub.joined.get(protocol.name_key(msg.to))
+            if conn.removed:
+                return
             if target is None:
                 problem = "unknown_user"
             elif not conn.bucket.take(now):
@@ -897,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if not settings.key_file.exists():
+        print(f"creating a new server key at {settings.key_file} ...", flush=True)
     try:
         server = Server(settings)
     except CryptoError as exc:
