@@ -252,12 +252,12 @@ class RecordCipher:
 
     @property
     def exhausted(self) -> bool:
-        """True once another record would take the counter to 2**32 (§3)."""
+        """True once sealing another record would take the counter to 2**32 (§3)."""
         return self.seq >= MAX_RECORDS_PER_DIRECTION - 1
 
     def seal(self, plaintext: bytes) -> bytes:
         """Encrypt one record: ciphertext || 16-byte tag; advances the counter."""
-        if self.seq >= MAX_RECORDS_PER_DIRECTION:
+        if self.exhausted:
             raise CryptoError("the record counter is exhausted; the connection must close")
         cipher = AES.new(self._key, AES.MODE_GCM, nonce=self._nonce(), mac_len=TAG_BYTES)
         ciphertext, tag = cipher.encrypt_and_digest(plaintext)

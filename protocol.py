@@ -139,9 +139,13 @@ def strict_b64decode(value: Any, field: str) -> bytes:
     if not isinstance(value, str):
         raise CloseSilently(f"field {field!r} is not a string")
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        raw = value.encode("ascii")
+        data = base64.b64decode(raw, validate=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         raise CloseSilently(f"field {field!r} is not strict base64") from None
+    if base64.b64encode(data) != raw:  # non-canonical: stray bits in the last character
+        raise CloseSilently(f"field {field!r} is not canonical base64")
+    return data
 
 
 def _reject_constant(name: str) -> Any:
