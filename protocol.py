@@ -451,8 +451,10 @@ def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) 
         return Say(_checked_text(_string_field(obj, "text", kind), max_text))
     if kind == "dm":
         to = _string_field(obj, "to", kind)
-        text = _string_field(obj, "text", kind)
-        return Dm(to=to, text=_checked_text(text, max_text))
+        text = _checked_text(_string_field(obj, "text", kind), max_text)
+        if has_lone_surrogate(to):
+            raise Refused("bad_message", "dm recipient holds a lone surrogate")
+        return Dm(to=to, text=text)
     if kind == "join":
         raw = _string_field(obj, "name", kind)
         name = None if has_lone_surrogate(raw) else valid_name(raw)
@@ -467,6 +469,10 @@ def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) 
         ping_id = obj.get("id")
         if _json_has_lone_surrogate(ping_id):
             raise Refused("bad_message", "ping id holds a lone surrogate")
+        try:
+            dumps_json(ping_id)
+        except ValueError:  # e.g. 1e400 parses as inf, which JSON cannot carry back
+            raise Refused("bad_message", "ping id cannot be echoed in JSON") from None
         return Ping(ping_id)
     if kind == "who":
         return Who()

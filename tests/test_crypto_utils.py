@@ -1,0 +1,628 @@
+"""Unit tests of crypto_utils.py against PROTOCOL.md §2 (handshake) and §3 (records).
+
+Known answers are computed here independently: HKDF by hand from RFC 5869 with
+hashlib/hmac, AES-GCM and OAEP with pycryptodome or `cryptography` directly,
+X25519 against RFC 7748. RSA keys are 2048 bits and made once per module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+from Crypto.PublicKey.RSA import RsaKey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_private_key,
+    load_der_public_key,
+)
+
+import crypto_utils as c
+from crypto_utils import CryptoError, KeyFileError
+
+KEY = bytes(range(32))
+LAST_SEQ = 2**32 - 1  # §3: a side closes before its send counter would reach 2**32
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> RsaKey:
+    return RSA.generate(2048)
+
+
+@pytest.fixture(scope="module")
+def small_key() -> RsaKey:
+    return RSA.generate(1024)
+
+
+@pytest.fixture(scope="module")
+def spki(rsa_key: RsaKey) -> bytes:
+    return c.spki_der(rsa_key)
+
+
+def write_key(path: Path, data: bytes, mode: int) -> Path:
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return path
+
+
+def oaep_sha256(key: RsaKey) -> PKCS1_OAEP.PKCS1OAEP_Cipher:
+    return PKCS1_OAEP.new(key.public_key(), hashAlgo=SHA256)
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF (RFC 5869) extract-then-expand with HMAC-SHA256, written out by hand."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    okm, block, counter = b"", b"", 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+        counter += 1
+    return okm[:length]
+
+
+# --- §2: the server key file ---
+
+
+def test_key_file_created_0600_under_umask_0(tmp_path: Path):
+    """§2: the key file is created with mode 0600 whatever the umask; reloading gives the key."""
+    path = tmp_path / "state" / "server_key.pem"
+    old = os.umask(0)
+    try:
+        key = c.load_or_create_server_key(path, bits=2048)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key.has_private() and key.size_in_bits() == 2048
+    assert b"ENCRYPTED" not in path.read_bytes()  # unencrypted PEM
+    assert RSA.import_key(path.read_bytes()) == key
+    again = c.load_or_create_server_key(path, bits=2048)
+    assert (again.n, again.e, again.d) == (key.n, key.e, key.d)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o666, 0o700 | 0o044])
+def test_key_file_readable_by_others_refused(tmp_path: Path, rsa_key: RsaKey, mode: int):
+    """§2: the server refuses a key file readable by group or others, naming the file."""
+    path = write_key(tmp_path / "key.pem", rsa_key.export_key(), mode)
+    with pytest.raises(KeyFileError) as info:
+        c.load_or_create_server_key(path, bits=2048)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == rsa_key.export_key()  # left alone
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_key_file_private_modes_accepted(tmp_path: Path, rsa_key: RsaKey, mode: int):
+    """§2: a key file readable only by its owner is loaded."""
+    path = write_key(tmp_path / "key.pem", rsa_key.export_key(), mode)
+    assert c.load_or_create_server_key(path, bits=2048) == rsa_key
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not a key",
+        b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        os.urandom(1200),
+    ],
+)
+def test_corrupt_key_file_refused(tmp_path: Path, data: bytes):
+    """§2: the server refuses a key file that cannot be parsed, naming the file."""
+    path = write_key(tmp_path / "key.pem", data, 0o600)
+    with pytest.raises(KeyFileError) as info:
+        c.load_or_create_server_key(path, bits=2048)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_key_file_refused(tmp_path: Path, rsa_key: RsaKey):
+    """§2: a truncated PEM is a file that cannot be parsed."""
+    pem = rsa_key.export_key()
+    path = write_key(tmp_path / "key.pem", pem[: len(pem) // 2], 0o600)
+    with pytest.raises(KeyFileError) as info:
+        c.load_or_create_server_key(path, bits=2048)
+    assert str(path) in str(info.value)
+
+
+def test_small_key_file_refused(tmp_path: Path, small_key: RsaKey):
+    """§2: the server refuses a key under 2048 bits (a 1024-bit key, mode 0600)."""
+    path = write_key(tmp_path / "key.pem", small_key.export_key(), 0o600)
+    with pytest.raises(KeyFileError) as info:
+        c.load_or_create_server_key(path, bits=2048)
+    assert str(path) in str(info.value)
+    assert "1024" in str(info.value)
+
+
+def test_public_key_file_refused(tmp_path: Path, rsa_key: RsaKey):
+    """§2: a file holding only a public key cannot be the server's key."""
+    path = write_key(tmp_path / "key.pem", rsa_key.public_key().export_key(), 0o600)
+    with pytest.raises(KeyFileError) as info:
+        c.load_or_create_server_key(path, bits=2048)
+    assert str(path) in str(info.value)
+
+
+def test_refuses_to_create_small_key(tmp_path: Path):
+    """§2: the server's RSA key is at least 2048 bits, also when it creates one."""
+    path = tmp_path / "key.pem"
+    with pytest.raises(KeyFileError):
+        c.load_or_create_server_key(path, bits=1024)
+    assert not path.exists()
+
+
+def test_key_file_error_is_crypto_error():
+    """crypto_utils: every failure is one CryptoError (KeyFileError included)."""
+    assert issubclass(KeyFileError, CryptoError)
+
+
+# --- §2: server identity ---
+
+
+def test_fingerprint_matches_hashlib(spki: bytes):
+    """§2: fingerprint = "SHA256:" + unpadded base64 of SHA256(SPKI DER)."""
+    digest = hashlib.sha256(spki).digest()
+    expected = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    fp = c.fingerprint(spki)
+    assert fp == expected
+    assert fp.startswith("SHA256:") and len(fp) == len("SHA256:") + 43
+    assert "=" not in fp
+
+
+def test_fingerprint_known_answer():
+    """§2: fingerprint of a fixed input, as OpenSSH would print it."""
+    assert c.fingerprint(b"") == "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"
+
+
+def test_spki_is_der_subject_public_key_info(rsa_key: RsaKey, spki: bytes):
+    """§2: hello.key is the DER SubjectPublicKeyInfo of the server's RSA public key."""
+    public = load_der_public_key(spki)  # an independent DER SPKI parser
+    assert public.public_numbers().n == rsa_key.n
+    assert public.public_numbers().e == rsa_key.e
+    assert c.import_spki(spki) == rsa_key.public_key()
+
+
+def test_import_spki_refuses_small_or_bad(small_key: RsaKey, rsa_key: RsaKey):
+    """§2: a server key under 2048 bits or not a key is unusable."""
+    with pytest.raises(CryptoError):
+        c.import_spki(c.spki_der(small_key))
+    with pytest.raises(CryptoError):
+        c.import_spki(b"\x30\x03\x02\x01\x00")
+    with pytest.raises(CryptoError):
+        c.wrap_secret(c.spki_der(small_key), bytes(32))
+
+
+# --- §2: RSA-OAEP (SHA-256, MGF1-SHA-256, empty label) ---
+
+
+def test_wrap_unwrap_round_trip(rsa_key: RsaKey, spki: bytes):
+    """§2: the 32-byte secret wrapped to the server's key unwraps to itself."""
+    secret = os.urandom(32)
+    wrapped = c.wrap_secret(spki, secret)
+    assert len(wrapped) == 256
+    assert c.unwrap_secret(rsa_key, wrapped) == secret
+    assert c.wrap_secret(spki, secret) != wrapped  # OAEP is randomised
+
+
+def test_wrap_uses_oaep_sha256_mgf1_sha256(rsa_key: RsaKey, spki: bytes):
+    """§2: OAEP with SHA-256 as hash and MGF1 hash, empty label (checked with `cryptography`)."""
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    private = load_der_private_key(rsa_key.export_key(format="DER"), password=None)
+    secret = bytes(range(32))
+    assert private.decrypt(c.wrap_secret(spki, secret), oaep) == secret
+    theirs = private.public_key().encrypt(secret, oaep)
+    assert c.unwrap_secret(rsa_key, theirs) == secret
+
+
+def test_unwrap_refuses_sha1_oaep(rsa_key: RsaKey):
+    """§2: a ciphertext made with SHA-1 OAEP (pycryptodome's default) does not unwrap."""
+    wrapped = PKCS1_OAEP.new(rsa_key.public_key()).encrypt(bytes(32))
+    with pytest.raises(CryptoError):
+        c.unwrap_secret(rsa_key, wrapped)
+
+
+def test_unwrap_refuses_label(rsa_key: RsaKey):
+    """§2: the OAEP label is empty; a labelled ciphertext does not unwrap."""
+    wrapped = PKCS1_OAEP.new(rsa_key.public_key(), hashAlgo=SHA256, label=b"bcast").encrypt(
+        bytes(32)
+    )
+    with pytest.raises(CryptoError):
+        c.unwrap_secret(rsa_key, wrapped)
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 33, 64])
+def test_unwrap_refuses_wrong_secret_size(rsa_key: RsaKey, size: int):
+    """§2: a secret that does not decrypt to exactly 32 bytes is refused."""
+    wrapped = oaep_sha256(rsa_key).encrypt(bytes(range(size)))
+    with pytest.raises(CryptoError):
+        c.unwrap_secret(rsa_key, wrapped)
+
+
+@pytest.mark.parametrize(
+    "ciphertext", [b"", b"\x00", bytes(255), bytes(256), b"\xff" * 256, bytes(257), b"x" * 512]
+)
+def test_unwrap_refuses_garbage(rsa_key: RsaKey, ciphertext: bytes):
+    """§2: a secret that does not decrypt is refused (CryptoError, nothing else)."""
+    with pytest.raises(CryptoError):
+        c.unwrap_secret(rsa_key, ciphertext)
+
+
+def test_unwrap_refuses_tampered(rsa_key: RsaKey, spki: bytes):
+    """§2: a wrapped secret with one flipped bit does not decrypt."""
+    wrapped = bytearray(c.wrap_secret(spki, bytes(32)))
+    wrapped[100] ^= 0x01
+    with pytest.raises(CryptoError):
+        c.unwrap_secret(rsa_key, bytes(wrapped))
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_wrap_refuses_wrong_secret_size(spki: bytes, size: int):
+    """§2: the wrapped secret is exactly 32 bytes."""
+    with pytest.raises(CryptoError):
+        c.wrap_secret(spki, bytes(size))
+
+
+# --- §2: X25519 ---
+
+RFC7748_A_PRIV = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+RFC7748_A_PUB = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+RFC7748_B_PRIV = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+RFC7748_B_PUB = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+RFC7748_SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+
+
+def test_ephemeral_rfc7748_vector():
+    """§2: X25519 as in RFC 7748 with raw 32-byte keys (the §6.1 test vector)."""
+    alice = c.Ephemeral(private=RFC7748_A_PRIV)
+    bob = c.Ephemeral(private=RFC7748_B_PRIV)
+    assert alice.public == RFC7748_A_PUB
+    assert bob.public == RFC7748_B_PUB
+    assert alice.exchange(bob.public) == RFC7748_SHARED
+    assert bob.exchange(alice.public) == RFC7748_SHARED
+
+
+def test_ephemeral_both_sides_agree():
+    """§2: both sides compute the same dh; fresh pairs differ."""
+    server, client = c.Ephemeral(), c.Ephemeral()
+    assert len(server.public) == 32 and server.public != client.public
+    theirs = X25519PrivateKey.generate()  # an independent X25519
+    ours = c.Ephemeral()
+    their_pub = theirs.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert ours.exchange(their_pub) == theirs.exchange(
+        X25519PublicKey.from_public_bytes(ours.public)
+    )
+    assert server.exchange(client.public) == client.exchange(server.public)
+
+
+def test_ephemeral_private_half_forgotten():
+    """§2: the private half is forgotten once used: a second exchange fails."""
+    eph = c.Ephemeral()
+    peer = c.Ephemeral()
+    eph.exchange(peer.public)
+    with pytest.raises(CryptoError):
+        eph.exchange(peer.public)
+    with pytest.raises(CryptoError):
+        eph.exchange(c.Ephemeral().public)
+
+
+LOW_ORDER_POINTS = [
+    bytes(32),  # 0
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),  # p - 1
+    bytes.fromhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),  # p
+    bytes.fromhex("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),  # p + 1
+]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS, ids=lambda b: b.hex()[:8])
+def test_ephemeral_refuses_low_order_points(point: bytes):
+    """§2: an X25519 result of all zeros (a low-order point) is refused."""
+    with pytest.raises(CryptoError):
+        c.Ephemeral().exchange(point)
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 64])
+def test_ephemeral_refuses_wrong_length(size: int):
+    """§2: X25519 public keys are raw 32 bytes."""
+    with pytest.raises(CryptoError):
+        c.Ephemeral().exchange(bytes(range(1, size + 1)))
+
+
+def test_ephemeral_randomness_injectable():
+    """crypto_utils: randomness is injectable, so a fixed source gives a fixed key pair."""
+    a = c.Ephemeral(randfunc=lambda n: RFC7748_A_PRIV[:n])
+    assert a.public == RFC7748_A_PUB
+
+
+# --- §2: session keys ---
+
+SECRET = bytes(range(32))
+DH = bytes(range(32, 64))
+SERVER_NONCE = b"\x11" * 32
+CLIENT_NONCE = b"\x22" * 32
+SERVER_SPKI = b"0\x82\x01\x22 not really DER but any bytes"
+SERVER_EPH = b"\x33" * 32
+CLIENT_EPH = b"\x44" * 32
+
+
+def test_hand_hkdf_matches_rfc5869():
+    """RFC 5869 A.1: the hand-written HKDF used as the reference below is right."""
+    okm = hkdf_sha256(b"\x0b" * 22, bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
+    assert okm.hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+def test_derive_keys_known_answer():
+    """§2 session keys: HKDF-SHA256(secret||dh, salt=nonces, info=label||SHA256(spki)||ephs)."""
+    okm = hkdf_sha256(
+        ikm=SECRET + DH,
+        salt=SERVER_NONCE + CLIENT_NONCE,
+        info=b"bcast/1 keys" + hashlib.sha256(SERVER_SPKI).digest() + SERVER_EPH + CLIENT_EPH,
+        length=64,
+    )
+    k_c2s, k_s2c = c.derive_keys(
+        SECRET, DH, SERVER_NONCE, CLIENT_NONCE, SERVER_SPKI, SERVER_EPH, CLIENT_EPH
+    )
+    assert k_c2s == okm[:32]
+    assert k_s2c == okm[32:]
+    assert k_c2s != k_s2c
+
+
+@pytest.mark.parametrize(
+    "swap",
+    ["secret/dh", "nonces", "ephs", "spki", "secret", "dh"],
+)
+def test_derive_keys_depends_on_every_input_in_order(swap: str):
+    """§2 session keys: every input counts, each in its place (no swapped halves)."""
+    args = dict(
+        secret=SECRET,
+        dh=DH,
+        server_nonce=SERVER_NONCE,
+        client_nonce=CLIENT_NONCE,
+        server_spki=SERVER_SPKI,
+        server_eph=SERVER_EPH,
+        client_eph=CLIENT_EPH,
+    )
+    base = c.derive_keys(**args)
+    if swap == "secret/dh":
+        args["secret"], args["dh"] = DH, SECRET
+    elif swap == "nonces":
+        args["server_nonce"], args["client_nonce"] = CLIENT_NONCE, SERVER_NONCE
+    elif swap == "ephs":
+        args["server_eph"], args["client_eph"] = CLIENT_EPH, SERVER_EPH
+    elif swap == "spki":
+        args["server_spki"] = SERVER_SPKI + b"\x00"
+    else:
+        args[swap] = bytes(31) + b"\x01"
+    changed = c.derive_keys(**args)
+    assert changed[0] != base[0] and changed[1] != base[1]
+
+
+def handshake(rsa_key: RsaKey, spki: bytes, server_nonce: bytes, server_eph: c.Ephemeral):
+    """A client and a server half over the same hello; returns both key pairs."""
+    client_nonce, wrapped, client_eph, k_c2s, k_s2c = c.client_keys(
+        spki, server_nonce, server_eph.public
+    )
+    server = c.server_keys(
+        rsa_key, spki, server_nonce, server_eph, client_nonce, wrapped, client_eph
+    )
+    return (k_c2s, k_s2c), server, (client_nonce, wrapped, client_eph)
+
+
+def test_client_and_server_keys_agree(rsa_key: RsaKey, spki: bytes):
+    """§2: client_keys and server_keys derive the same (k_c2s, k_s2c)."""
+    server_eph = c.Ephemeral()
+    client, server, (client_nonce, wrapped, client_eph) = handshake(
+        rsa_key, spki, os.urandom(32), server_eph
+    )
+    assert client == server
+    assert len(client[0]) == len(client[1]) == 32 and client[0] != client[1]
+    assert len(client_nonce) == 32 and len(client_eph) == 32 and len(wrapped) == 256
+    with pytest.raises(CryptoError):  # the server's private half is gone
+        server_eph.exchange(client_eph)
+    # and the channel works both ways
+    assert c.RecordCipher(server[0]).open(c.RecordCipher(client[0]).seal(b"[]")) == b"[]"
+    assert c.RecordCipher(client[1]).open(c.RecordCipher(server[1]).seal(b"{}")) == b"{}"
+
+
+def test_client_keys_match_spec_derivation(rsa_key: RsaKey, spki: bytes):
+    """§2: the client's keys are the page's formula over the values it sent."""
+    server_nonce = os.urandom(32)
+    server_eph = c.Ephemeral()
+    server_pub = server_eph.public
+    client_nonce, wrapped, client_eph, k_c2s, k_s2c = c.client_keys(spki, server_nonce, server_pub)
+    secret = c.unwrap_secret(rsa_key, wrapped)
+    dh = server_eph.exchange(client_eph)
+    okm = hkdf_sha256(
+        secret + dh,
+        server_nonce + client_nonce,
+        b"bcast/1 keys" + hashlib.sha256(spki).digest() + server_pub + client_eph,
+        64,
+    )
+    assert (k_c2s, k_s2c) == (okm[:32], okm[32:])
+
+
+def test_replayed_key_frame_gives_other_keys(rsa_key: RsaKey, spki: bytes):
+    """§2: a key frame replayed to another connection (fresh server nonce) gives other keys."""
+    seed = os.urandom(32)  # even with the same server eph, the nonce alone changes the keys
+    first_nonce = os.urandom(32)
+    client, server, key_frame = handshake(rsa_key, spki, first_nonce, c.Ephemeral(seed))
+    assert client == server
+    replayed = c.server_keys(rsa_key, spki, os.urandom(32), c.Ephemeral(seed), *key_frame)
+    assert replayed[0] != client[0] and replayed[1] != client[1]
+    same = c.server_keys(rsa_key, spki, first_nonce, c.Ephemeral(seed), *key_frame)
+    assert same == client  # the nonce is what made the difference
+    fresh_eph = c.server_keys(rsa_key, spki, os.urandom(32), c.Ephemeral(), *key_frame)
+    assert fresh_eph[0] != client[0]
+    with pytest.raises(CryptoError):  # a record sealed for the first session does not open
+        c.RecordCipher(replayed[0]).open(c.RecordCipher(client[0]).seal(b"[]"))
+
+
+def test_server_keys_refuse_bad_key_frame(rsa_key: RsaKey, spki: bytes):
+    """§2: a bad secret or a low-order eph in a key frame fails the handshake."""
+    server_eph = c.Ephemeral()
+    client_nonce, wrapped, client_eph, _, _ = c.client_keys(spki, bytes(32), server_eph.public)
+    with pytest.raises(CryptoError):
+        c.server_keys(rsa_key, spki, bytes(32), c.Ephemeral(), client_nonce, b"x" * 256, client_eph)
+    with pytest.raises(CryptoError):
+        c.server_keys(rsa_key, spki, bytes(32), c.Ephemeral(), client_nonce, wrapped, bytes(32))
+
+
+# --- §3: records ---
+
+
+def gcm_reference(key: bytes, seq: int, plaintext: bytes) -> bytes:
+    nonce = b"\0" * 4 + seq.to_bytes(8, "big")
+    ciphertext, tag = AES.new(key, AES.MODE_GCM, nonce=nonce).encrypt_and_digest(plaintext)
+    return ciphertext + tag
+
+
+def test_record_round_trip():
+    """§3: records sealed in order open in order; the counters advance together."""
+    sender, receiver = c.RecordCipher(KEY), c.RecordCipher(KEY)
+    messages = [b'[{"type":"who"}]', b"", b"x" * 100_000, "é😀".encode()]
+    for i, plaintext in enumerate(messages):
+        assert sender.seq == receiver.seq == i
+        rec = sender.seal(plaintext)
+        assert len(rec) == len(plaintext) + 16
+        assert receiver.open(rec) == plaintext
+    assert sender.seq == receiver.seq == len(messages)
+
+
+@pytest.mark.parametrize("seq", [0, 1, 255, 256, 2**31, 2**32 - 2])
+def test_record_nonce_layout_known_answer(seq: int):
+    """§3: AES-256-GCM, nonce = 0x00000000 || u64be(seq), no AAD, ciphertext || 16-byte tag."""
+    plaintext = b'[{"type":"ping","id":1}]'
+    expected = gcm_reference(KEY, seq, plaintext)
+    independent = AESGCM(KEY).encrypt(b"\0" * 4 + seq.to_bytes(8, "big"), plaintext, None)
+    assert expected == independent
+    assert c.RecordCipher(KEY, seq=seq).seal(plaintext) == expected
+    assert c.RecordCipher(KEY, seq=seq).open(expected) == plaintext
+
+
+def test_record_first_nonce_is_zero():
+    """§3: seq starts at 0 in each direction."""
+    assert c.RecordCipher(KEY).seal(b"a") == gcm_reference(KEY, 0, b"a")
+
+
+def test_record_key_is_aes_256():
+    """§3: AES-256: a record key is 32 bytes; other sizes are refused."""
+    for size in (0, 16, 24, 31, 33):
+        with pytest.raises(CryptoError):
+            c.RecordCipher(bytes(size))
+
+
+def test_tamper_any_bit_refused():
+    """§3: flipping any bit (ciphertext or tag) fails to open and does not advance seq."""
+    rec = c.RecordCipher(KEY).seal(b"hello")
+    receiver = c.RecordCipher(KEY)
+    for i in range(len(rec)):
+        for bit in range(8):
+            bad = bytearray(rec)
+            bad[i] ^= 1 << bit
+            with pytest.raises(CryptoError):
+                receiver.open(bytes(bad))
+            assert receiver.seq == 0
+    for cut in (rec[:-1], rec[1:], rec + b"\x00", b"\x00" + rec):
+        with pytest.raises(CryptoError):
+            receiver.open(cut)
+        assert receiver.seq == 0
+    assert receiver.open(rec) == b"hello"  # the counter never moved
+    assert receiver.seq == 1
+
+
+def test_replay_refused():
+    """§3: a replayed record fails to open; seq stays."""
+    sender, receiver = c.RecordCipher(KEY), c.RecordCipher(KEY)
+    first = sender.seal(b"one")
+    assert receiver.open(first) == b"one"
+    with pytest.raises(CryptoError):
+        receiver.open(first)
+    assert receiver.seq == 1
+
+
+def test_reorder_refused():
+    """§3: records opened out of order fail; seq stays."""
+    sender, receiver = c.RecordCipher(KEY), c.RecordCipher(KEY)
+    first, second = sender.seal(b"one"), sender.seal(b"two")
+    with pytest.raises(CryptoError):
+        receiver.open(second)
+    assert receiver.seq == 0
+    assert receiver.open(first) == b"one"
+    assert receiver.open(second) == b"two"
+
+
+def test_skip_refused():
+    """§3: a dropped record makes the next one fail (no trying the next counter)."""
+    sender, receiver = c.RecordCipher(KEY), c.RecordCipher(KEY)
+    sender.seal(b"dropped")
+    third = sender.seal(b"next")
+    with pytest.raises(CryptoError):
+        receiver.open(third)
+    assert receiver.seq == 0
+    with pytest.raises(CryptoError):  # still refused: the receiver did not move on
+        receiver.open(third)
+    assert receiver.seq == 0
+
+
+def test_wrong_key_and_direction_refused():
+    """§3: a record under another key (e.g. the other direction's) fails to open."""
+    k_c2s, k_s2c = c.derive_keys(
+        SECRET, DH, SERVER_NONCE, CLIENT_NONCE, SERVER_SPKI, SERVER_EPH, CLIENT_EPH
+    )
+    rec = c.RecordCipher(k_c2s).seal(b"[]")
+    receiver = c.RecordCipher(k_s2c)
+    with pytest.raises(CryptoError):
+        receiver.open(rec)
+    assert receiver.seq == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 15])
+def test_record_shorter_than_tag_refused(size: int):
+    """§3: a record is ciphertext || 16-byte tag: under 16 bytes it cannot open."""
+    receiver = c.RecordCipher(KEY)
+    with pytest.raises(CryptoError):
+        receiver.open(bytes(size))
+    assert receiver.seq == 0
+
+
+def test_tag_only_record_is_empty_plaintext():
+    """§3: exactly 16 bytes is an empty ciphertext with its tag."""
+    rec = c.RecordCipher(KEY).seal(b"")
+    assert len(rec) == 16
+    assert c.RecordCipher(KEY).open(rec) == b""
+    with pytest.raises(CryptoError):
+        c.RecordCipher(KEY).open(bytes(16))
+
+
+def test_counter_exhaustion():
+    """§3: a side closes before its send counter would reach 2**32: it cannot seal past it."""
+    sender = c.RecordCipher(KEY, seq=2**32 - 2)
+    assert not sender.exhausted
+    assert sender.seal(b"a") == gcm_reference(KEY, 2**32 - 2, b"a")
+    assert sender.seq == LAST_SEQ
+    assert sender.exhausted
+    with pytest.raises(CryptoError):
+        sender.seal(b"b")
+    assert sender.seq == LAST_SEQ  # a refused seal does not move the counter
+    at_limit = c.RecordCipher(KEY, seq=2**32)
+    assert at_limit.exhausted
+    with pytest.raises(CryptoError):
+        at_limit.seal(b"c")
+    with pytest.raises(CryptoError):
+        at_limit.open(gcm_reference(KEY, 2**32 - 1, b"c"))
+    assert at_limit.seq == 2**32
+    assert not c.RecordCipher(KEY).exhausted
