@@ -1,0 +1,785 @@
+"""client.py without a terminal: pure helpers, `Session`, and the pipe-mode CLI.
+
+A scripted `FakeServer` (real handshake, then whatever a test wants to send)
+plays the misbehaving server; the real server (conftest's `run_server`) and
+the independent `refpeer` play the other users. The terminal itself is tested
+in test_client_pty.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from refpeer import connect_and_join
+
+import client
+import crypto_utils
+import protocol
+from client import (
+    ConnectionLost,
+    KnownHosts,
+    NameRefused,
+    Pacer,
+    Session,
+    Style,
+    TrustError,
+    check_pin,
+    host_key,
+    parse_line,
+    sanitize,
+)
+from protocol import DirectMessage, Error, Joined, Left, Message, Users, Welcome
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "client.py"
+T = 5.0  # the one timeout unit: nothing here should take near it
+FP_A = "SHA256:" + "A" * 43
+FP_B = "SHA256:" + "B" * 43
+
+
+def no_pin(fp: str) -> None:
+    """A `verify` callback that trusts anything (tests of other rules)."""
+
+
+# --- a scripted server --------------------------------------------------------------------------
+
+
+class FakeConn:
+    """The server's end of one keyed connection, for scripts."""
+
+    def __init__(self, sock: socket.socket, decoder: protocol.FrameDecoder, tx, rx):
+        self.sock, self.decoder, self.tx, self.rx = sock, decoder, tx, rx
+        self.name = ""
+
+    def send(self, *msgs: dict[str, Any]) -> None:
+        body = json.dumps(list(msgs), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self.sock.sendall(protocol.encode_frame(self.tx.seal(body)))
+
+    def recv(self) -> list[dict[str, Any]] | None:
+        """The next record's messages, or None once the client closed."""
+        body = read_frame(self.sock, self.decoder)
+        return None if body is None else json.loads(self.rx.open(body))
+
+    def wait_closed(self) -> bool:
+        """Read until the client closes; True if it did within T."""
+        try:
+            while self.recv() is not None:
+                pass
+        except (OSError, crypto_utils.CryptoError):
+            return False
+        return True
+
+
+def read_frame(sock: socket.socket, decoder: protocol.FrameDecoder) -> bytes | None:
+    while (body := decoder.next_frame()) is None:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        decoder.feed(data)
+    return body
+
+
+class FakeServer:
+    """A bcast/1 server on 127.0.0.1:0 that does the real handshake, then runs `script(conn)`.
+
+    `hello` replaces the hello frame (raw bytes, then `script(None)`); `welcome`
+    False leaves the join unanswered for the script.
+    """
+
+    def __init__(
+        self,
+        key: Any,
+        script: Callable[[FakeConn | None], None] = lambda conn: None,
+        hello: bytes | None = None,
+        welcome: dict[str, Any] | bool = True,
+    ):
+        self.key, self.script, self.hello, self.welcome = key, script, hello, welcome
+        self.spki = crypto_utils.spki_der(key)
+        self.fingerprint = crypto_utils.fingerprint(self.spki)
+        self.first_chunks: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self.listener.getsockname()[:2]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> FakeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        assert not self.errors, self.errors
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(T)
+        try:
+            if self.hello is not None:
+                sock.sendall(self.hello)
+                self.script(None)
+                self.first_chunks.append(sock.recv(65536))  # b"" if the client just closed
+                return
+            conn = self._handshake(sock)
+            if self.welcome is not False:
+                default = protocol.welcome(conn.name, [], 16384, 0)
+                conn.send(default if self.welcome is True else self.welcome)
+            self.script(conn)
+        except BaseException as exc:  # reported by __exit__
+            self.errors.append(exc)
+        finally:
+            sock.close()
+
+    def _handshake(self, sock: socket.socket) -> FakeConn:
+        nonce, eph = os.urandom(32), crypto_utils.Ephemeral()
+        hello = protocol.Hello(key=self.spki, nonce=nonce, eph=eph.public)
+        sock.sendall(protocol.encode_frame(protocol.encode_hello(hello)))
+        decoder = protocol.FrameDecoder(protocol.MAX_HANDSHAKE_FRAME)
+        chunk = sock.recv(65536)
+        self.first_chunks.append(chunk)
+        decoder.feed(chunk)
+        key = protocol.parse_key(read_frame(sock, decoder) or b"")
+        c2s, s2c = crypto_utils.server_keys(
+            self.key, self.spki, nonce, eph, key.nonce, key.secret, key.eph
+        )
+        decoder.max_len = protocol.MAX_RECORD_FRAME
+        conn = FakeConn(
+            sock, decoder, crypto_utils.RecordCipher(s2c), crypto_utils.RecordCipher(c2s)
+        )
+        first = conn.recv()
+        assert first and first[0]["type"] == "join", first
+        conn.name = first[0]["name"]
+        return conn
+
+
+def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BCAST_") and k != "NO_COLOR"}
+    return {**env, "XDG_CONFIG_HOME": str(tmp_path / "config"), **extra}
+
+
+def pipe_client(
+    tmp_path: Path, port: int, *args: str, stdin: str = "", host: str = "127.0.0.1"
+) -> subprocess.CompletedProcess[str]:
+    """Run client.py with piped stdin/stdout to the end of `stdin`."""
+    return subprocess.run(
+        [sys.executable, str(CLIENT), "--host", host, "--port", str(port), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=4 * T,
+        env=client_env(tmp_path),
+    )
+
+
+def spawn_pipe_client(tmp_path: Path, port: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT), "--port", str(port), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=client_env(tmp_path),
+    )
+
+
+def wait_open(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Wait for the client to end with its stdin still open (unlike `communicate`)."""
+    proc.wait(timeout=4 * T)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.stdin.close()
+    return out, err
+
+
+def recv_type(session: Session, kind: type, timeout: float = T) -> Any:
+    """Skip messages until one of `kind`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = session.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, kind):
+            return msg
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain café 太郎", "plain café 太郎"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+        ("\x9b2J", "\\x9b2J"),  # C1 CSI
+        ("a\rb\x7f\x00", "a\\x0db\\x7f\\x00"),
+        ("evil\u202etxt.exe", "evil\\u202etxt.exe"),  # bidi override (Trojan Source)
+        ("line\u2028sep", "line\\u2028sep"),
+        ("lone \ud800", "lone \\ud800"),
+        ("a\nb\tc", "a\\x0ab\\tc"),
+    ],
+)
+def test_sanitize_escapes_controls(raw: str, shown: str) -> None:
+    """Issue B: nothing received is printed raw; escapes are shown, never interpreted."""
+    assert sanitize(raw) == shown
+
+
+def test_sanitize_multiline_marks_continuations() -> None:
+    """A newline in text cannot forge a line that looks like another message."""
+    assert sanitize("hi\n[12:00:00] <bob> x\tz", newlines="\n  | ") == (
+        "hi\n  | [12:00:00] <bob> x\tz"
+    )
+
+
+def test_style_colour_on_and_off() -> None:
+    """Names in colour only when asked; dm, join and leave are marked; escapes stay escaped."""
+    msg = Message(1, "\x1b[31mmallory", "hi \x1b[2J", 0)
+    plain, _ = Style(colour=False).format(msg)
+    assert "\x1b" not in plain
+    assert "<\\x1b[31mmallory> hi \\x1b[2J" in plain
+    coloured, _ = Style(colour=True).format(msg)
+    assert "\x1b[" in coloured and "\\x1b[31mmallory" in coloured
+    assert "\x1b[2J" not in coloured and "\x1b[31mmallory" not in coloured
+    style = Style(colour=False, me="bob")
+    assert "[dm] <alice> psst" in style.format(DirectMessage(2, "alice", "bob", "psst", 0))[0]
+    assert style.format(Joined("carol"))[0].endswith("--> carol joined")
+    assert style.format(Left("carol", "timeout"))[0].endswith("<-- carol left (timeout)")
+    assert style.format(Users(["a", "b"]))[0].endswith("here (2): a, b")
+    assert style.format(Error("rate_limited", "slow down")) == (
+        "not delivered: slow down (rate_limited)",
+        True,
+    )
+    assert style.format(protocol.Pong(None)) is None
+    assert Style(colour=False).clock(10**30) == "[??:??:??]"  # absurd ts: no crash
+
+
+@pytest.mark.parametrize(
+    ("line", "meaning"),
+    [
+        ("hello", ("say", "hello")),
+        ("  ", ("skip",)),
+        ("exit", ("quit",)),
+        ("/quit", ("quit",)),
+        ("/who", ("who",)),
+        ("/help", ("help",)),
+        ("/msg bob hi there", ("dm", "bob", "hi there")),
+        ("@bob hi there", ("dm", "bob", "hi there")),
+        ("//etc/passwd", ("say", "/etc/passwd")),
+        ("exit now", ("say", "exit now")),
+    ],
+)
+def test_parse_line(line: str, meaning: tuple[str, ...]) -> None:
+    """Issue A/B: commands; anything else is a `say`."""
+    assert parse_line(line) == meaning
+
+
+@pytest.mark.parametrize("line", ["/nope", "/etc/passwd", "/msg bob", "/msg", "@bob", "@bob  "])
+def test_unknown_or_incomplete_commands_give_a_hint(line: str) -> None:
+    """Issue B: an unknown /command gets a hint instead of being sent to everyone."""
+    kind, hint = parse_line(line)
+    assert kind == "hint" and ("/help" in hint or "usage" in hint)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rate=st.integers(1, 60),
+    gaps=st.lists(st.floats(0, 0.5), min_size=1, max_size=80),
+    jitter=st.lists(st.floats(0, 0.05), min_size=80, max_size=80),
+    head_start=st.floats(0, 0.5),
+)
+def test_paced_sends_never_hit_the_servers_bucket(
+    rate: int, gaps: list[float], jitter: list[float], head_start: float
+) -> None:
+    """§4 Rate limit: sends paced by `Pacer` pass the server's own `Bucket`, despite jitter.
+
+    The server's bucket starts full at join, `head_start` before the client's;
+    each message reaches it up to 50 ms late (in order, as over TCP).
+    """
+    from server import Bucket
+
+    now = [100.0]
+    pacer = Pacer(rate, clock=lambda: now[0])
+    bucket = Bucket(rate, now[0] - head_start)
+    arrived = 0.0
+    for gap, late in zip(gaps, jitter):
+        now[0] += gap  # the script produces the next line
+        now[0] += pacer.take()  # ... and the client sleeps as told
+        arrived = max(arrived, now[0] + late)
+        assert bucket.take(arrived), (rate, now[0])
+
+
+def test_pacer_bursts_then_spaces_and_rate_zero_is_free() -> None:
+    now = [0.0]
+    pacer = Pacer(10, clock=lambda: now[0])
+    assert [pacer.take() for _ in range(5)] == [0.0] * 5  # half the server's burst
+    assert pacer.take() == pytest.approx(1 / 9)
+    assert Pacer(0).take() == 0.0
+
+
+# --- known_hosts -------------------------------------------------------------------------------
+
+
+def test_known_hosts_first_use_stores_then_same_key_passes(tmp_path: Path) -> None:
+    """Issue B: trust on first use per host:port; the pin is appended, the file 0600."""
+    path = tmp_path / "deep" / "known_hosts"
+    said: list[str] = []
+    check_pin(KnownHosts(path), "h:1", FP_A, None, said.append)
+    assert path.read_text() == f"h:1 {FP_A}\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert FP_A in said[0] and str(path) in said[0]
+    check_pin(KnownHosts(path), "h:1", FP_A, None, said.append)
+    check_pin(KnownHosts(path), "h:2", FP_B, None, said.append)  # another port, another pin
+    assert path.read_text() == f"h:1 {FP_A}\nh:2 {FP_B}\n"
+    assert len(said) == 2
+
+
+def test_known_hosts_changed_key_refuses_loudly_and_leaves_file(tmp_path: Path) -> None:
+    """Issue B: a changed fingerprint is refused (exit 2) showing both and the line to remove."""
+    path = tmp_path / "known_hosts"
+    path.write_text(f"# pins\n\nh:1 {FP_A}\n")
+    before = path.read_bytes()
+    with pytest.raises(TrustError) as info:
+        check_pin(KnownHosts(path), "h:1", FP_B, None, print)
+    text = str(info.value)
+    assert FP_A in text and FP_B in text and f"line 3 of {path}" in text
+    assert "WARNING" in text and info.value.exit_code == 2
+    assert path.read_bytes() == before
+
+
+def test_known_hosts_malformed_line_is_reported_not_skipped(tmp_path: Path) -> None:
+    """STYLE.md: a bad line is an error naming the file and line, never silently skipped."""
+    path = tmp_path / "known_hosts"
+    path.write_text(f"h:1 {FP_A}\ngarbage here\n")
+    with pytest.raises(TrustError, match=r"line 2 is malformed"):
+        KnownHosts(path).lookup("other:2")
+    path.write_text(f"h:1 {FP_A}\nH:1 {FP_B}\n")  # two different pins for one host
+    with pytest.raises(TrustError, match="lines 1 and 2"):
+        KnownHosts(path).lookup("h:1")
+
+
+def test_known_hosts_appends_after_a_missing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(f"h:1 {FP_A}")
+    check_pin(KnownHosts(path), "h:2", FP_B, None, lambda s: None)
+    assert path.read_text() == f"h:1 {FP_A}\nh:2 {FP_B}\n"
+
+
+def test_explicit_fingerprint_pins_without_the_file(tmp_path: Path) -> None:
+    """Issue B: --fingerprint wins over known_hosts and refuses a mismatch (exit 2)."""
+    path = tmp_path / "known_hosts"
+    check_pin(KnownHosts(path), "h:1", FP_A, FP_A, print)
+    assert not path.exists()
+    with pytest.raises(TrustError, match="--fingerprint") as info:
+        check_pin(KnownHosts(path), "h:1", FP_B, FP_A, print)
+    assert info.value.exit_code == 2
+
+
+def test_host_key_brackets_ipv6() -> None:
+    assert host_key("::1", 5) == "[::1]:5"
+    assert host_key("Example.ORG", 5) == "example.org:5"
+
+
+# --- command line without a server -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--name", "bob", "--port", "0"], "port"),
+        (["--name", "bob", "--port", "x"], "port"),
+        (["--name", "bob", "--fingerprint", "MD5:abc"], "--fingerprint"),
+        (["--name", "not valid!"], "not a valid name"),
+        ([], "--name"),  # stdin is not a terminal here: a name is required
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Issue B: bad usage exits 2 with one sentence (no connection is attempted)."""
+    monkeypatch.delenv("BCAST_NAME", raising=False)
+    assert client.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert client.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "0 left normally, 1 connection lost or refused, 2 bad usage" in out
+    assert "known_hosts" in out and "/msg NAME TEXT" in out
+
+
+def test_connection_refused_exits_1(tmp_path: Path) -> None:
+    """Issue A: no server: one sentence, exit 1."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    done = pipe_client(tmp_path, port, "--name", "bob")
+    assert done.returncode == 1
+    assert "cannot connect" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- Session against a scripted server ---------------------------------------------------------
+
+
+def test_key_and_join_go_in_one_write(server_key, monkeypatch) -> None:
+    """§2: the client sends `key` and its first record (`join`) at once, in one sendall."""
+    writes: list[bytes] = []
+    real = socket.create_connection
+
+    class Recording:
+        def __init__(self, sock: socket.socket):
+            self._sock = sock
+
+        def sendall(self, data: bytes) -> None:
+            writes.append(bytes(data))
+            self._sock.sendall(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sock, name)
+
+    monkeypatch.setattr(
+        client.socket, "create_connection", lambda *a, **k: Recording(real(*a, **k))
+    )
+    with FakeServer(server_key) as fake:
+        session = Session.connect(fake.host, fake.port, "alice", no_pin)
+        session.close()
+    decoder = protocol.FrameDecoder(protocol.MAX_HANDSHAKE_FRAME)
+    decoder.feed(writes[0])
+    assert json.loads(decoder.next_frame())["type"] == "key"
+    decoder.max_len = protocol.MAX_RECORD_FRAME
+    assert decoder.next_frame() is not None and decoder.buffered == 0
+    assert session.welcome == Welcome("alice", [], 16384, 0)
+
+
+def test_server_full_is_one_sentence_exit_1(server_key, tmp_path: Path) -> None:
+    """§2: a plaintext `server_full` error instead of hello: say so, exit 1."""
+    full = protocol.encode_frame(protocol.encode_server_full("1000 clients already"))
+    with FakeServer(server_key, hello=full) as fake:
+        with pytest.raises(ConnectionLost, match="the server is full: 1000 clients already"):
+            Session.connect(fake.host, fake.port, "alice", no_pin)
+        done = pipe_client(tmp_path, fake.port, "--name", "bob")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "client.py: the server is full: 1000 clients already"
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        protocol.encode_frame(b'{"type":"hello","protocol":"bcast/2"}'),
+        protocol.encode_frame(b"not json"),
+        (8193).to_bytes(4, "big"),  # §1: a handshake frame over 8192 bytes
+        (0).to_bytes(4, "big"),
+    ],
+)
+def test_bad_hello_closes_without_a_key(server_key, hello: bytes) -> None:
+    """§2: a client closes on a bad hello (wrong protocol, JSON or length), sending nothing."""
+    with FakeServer(server_key, hello=hello) as fake:
+        with pytest.raises(ConnectionLost):
+            Session.connect(fake.host, fake.port, "alice", no_pin)
+        deadline = time.monotonic() + T
+        while not fake.first_chunks and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert fake.first_chunks == [b""]
+
+
+def test_name_refusal_is_reported(server_key) -> None:
+    """§4: invalid_name / name_taken answer the join; the client may try again."""
+
+    def refuse(conn: FakeConn) -> None:
+        conn.send(protocol.error("name_taken", "the name alice is taken"))
+        assert conn.recv() == [{"type": "leave"}]
+
+    with (
+        FakeServer(server_key, refuse, welcome=False) as fake,
+        pytest.raises(NameRefused, match="name_taken"),
+    ):
+        Session.connect(fake.host, fake.port, "alice", no_pin)
+
+
+def test_tampered_record_closes_and_says_so(server_key) -> None:
+    """§3: a record that fails to open: close at once, tell the user, exit 1."""
+
+    def tamper(conn: FakeConn) -> None:
+        record = bytearray(conn.tx.seal(b'[{"type":"joined","name":"x"}]'))
+        record[0] ^= 1
+        conn.sock.sendall(protocol.encode_frame(bytes(record)))
+        assert conn.wait_closed()
+
+    with FakeServer(server_key, tamper) as fake:
+        session = Session.connect(fake.host, fake.port, "alice", no_pin)
+        session.start()
+        with pytest.raises(ConnectionLost, match="failed to open"):
+            session.recv(timeout=T)
+        assert session.wait_closed(T)
+        session.close()
+
+
+def test_tampered_record_in_pipe_mode_exits_1(server_key, tmp_path: Path) -> None:
+    def tamper(conn: FakeConn) -> None:
+        conn.sock.sendall(protocol.encode_frame(b"\x00" * 40))
+        conn.wait_closed()
+
+    with FakeServer(server_key, tamper) as fake:
+        proc = spawn_pipe_client(tmp_path, fake.port, "--name", "bob")
+        _, err = wait_open(proc)
+    assert proc.returncode == 1
+    assert "failed to open" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type":"message"}',  # not an array
+        b"[]",
+        b'[{"type":"message","id":"1","from":"a","text":"t","ts":0}]',  # id not an int
+    ],
+)
+def test_malformed_record_closes(server_key, payload: bytes) -> None:
+    """§3: a record that is not a non-empty array of valid messages ends the session."""
+
+    def send_bad(conn: FakeConn) -> None:
+        conn.sock.sendall(protocol.encode_frame(conn.tx.seal(payload)))
+        conn.wait_closed()
+
+    with FakeServer(server_key, send_bad) as fake:
+        session = Session.connect(fake.host, fake.port, "alice", no_pin)
+        session.start()
+        with pytest.raises(ConnectionLost, match="malformed record"):
+            session.recv(timeout=T)
+        session.close()
+
+
+def test_record_length_limits(server_key) -> None:
+    """§1: clients accept records up to 1 MiB inclusive and close on a longer length."""
+    text = "x" * (protocol.MAX_RECORD_PLAINTEXT - 80)
+
+    def send_big(conn: FakeConn) -> None:
+        body = json.dumps([protocol.message(1, "bob", text, 0)]).encode()
+        body += b" " * (protocol.MAX_RECORD_PLAINTEXT - len(body))
+        frame = protocol.encode_frame(conn.tx.seal(body))
+        assert len(frame) == 4 + protocol.MAX_RECORD_FRAME
+        conn.sock.sendall(frame)
+        conn.sock.sendall((protocol.MAX_RECORD_FRAME + 1).to_bytes(4, "big") + b"x" * 100)
+        conn.wait_closed()
+
+    with FakeServer(server_key, send_big) as fake:
+        session = Session.connect(fake.host, fake.port, "alice", no_pin)
+        session.start()
+        assert session.recv(timeout=T).text == text
+        with pytest.raises(ConnectionLost, match="bad frame"):
+            session.recv(timeout=T)
+        session.close()
+
+
+def test_idle_client_pings_and_notices_a_silent_server(server_key) -> None:
+    """§4 Timeouts: an idle client sends `ping`; unanswered pings end the session."""
+    got: queue.Queue[Any] = queue.Queue()
+
+    def answer_once(conn: FakeConn) -> None:
+        first = conn.recv()
+        got.put(first)
+        conn.send({"type": "pong", "id": first[0].get("id")})
+        got.put(conn.recv())  # the next idle ping, left unanswered
+        conn.wait_closed()
+
+    with FakeServer(server_key, answer_once) as fake:
+        session = Session.connect(fake.host, fake.port, "alice", no_pin)
+        session.idle_ping_s, session.pong_wait_s = 0.2, 0.3
+        session.start()
+        assert got.get(timeout=T) == [{"type": "ping", "id": None}]
+        assert got.get(timeout=T) == [{"type": "ping", "id": None}]
+        assert isinstance(session.recv(timeout=T), protocol.Pong)
+        with pytest.raises(ConnectionLost, match="stopped answering"):
+            session.recv(timeout=T)
+        session.close()
+
+
+def test_hostile_text_is_escaped_in_pipe_output(server_key, tmp_path: Path) -> None:
+    """Issue B: escapes in names, text, reasons and errors never reach stdout raw."""
+
+    def hostile(conn: FakeConn) -> None:
+        conn.send(
+            protocol.joined("\x1b[2Jevil"),
+            protocol.message(1, "\x1b]0;pwned\x07", "hi \x1b[31mred\r\nline2 \x9b6n", 1),
+            protocol.left("\x1b[2Jevil", "\x1bc"),
+            protocol.error("\x1b[5m", "bad \x07"),
+        )
+        conn.recv()  # leave
+        conn.send({"type": "bye", "reason": "leave"})
+
+    with FakeServer(server_key, hostile) as fake:
+        proc = spawn_pipe_client(tmp_path, fake.port, "--name", "bob")
+        lines = [proc.stdout.readline().rstrip("\n") for _ in range(3)]
+        proc.stdin.close()  # leave only once everything arrived
+        assert proc.wait(timeout=T) == 0
+        out, err = "\n".join(lines) + proc.stdout.read(), proc.stderr.read()
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\x9b" not in out
+    assert lines[0].endswith("--> \\x1b[2Jevil joined")
+    assert lines[1].endswith("<\\x1b]0;pwned\\x07> hi \\x1b[31mred\\x0d\\x0aline2 \\x9b6n")
+    assert lines[2].endswith("<-- \\x1b[2Jevil left (\\x1bc)")
+    assert "not delivered: bad \\x07 (\\x1b[5m)" in err
+
+
+# --- against the real server ---------------------------------------------------------------------
+
+
+def test_session_end_to_end(run_server) -> None:
+    """Issue A: join, say, dm, who, leave through `Session`, with refpeer as the other user."""
+    with run_server(rate=0) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        session = Session.connect(host, port, "Alice", no_pin)
+        session.start()
+        assert session.welcome.users == ["bob"]
+        assert session.fingerprint == srv.fingerprint
+        assert peer.recv(T) == {"type": "joined", "name": "Alice"}
+        session.send(protocol.Say("hello"), protocol.Dm("BOB", "psst"), protocol.Who())
+        assert peer.recv(T)["text"] == "hello"
+        assert peer.recv(T)["text"] == "psst"
+        assert recv_type(session, Users).names == ["Alice", "bob"]
+        peer.send({"type": "say", "text": "hi alice"})
+        msg = recv_type(session, Message)
+        assert (msg.sender, msg.text) == ("bob", "hi alice")
+        session.leave()
+        assert peer.recv(T) == {"type": "left", "name": "Alice", "reason": "leave"}
+        peer.close()
+
+
+def test_pipe_mode_sends_lines_and_leaves_at_eof(run_server, tmp_path: Path) -> None:
+    """Issue A/B: a scriptable client: each line sent, commands work, leave at end of input."""
+    with run_server(rate=0) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        done = pipe_client(
+            tmp_path,
+            port,
+            "--name",
+            "alice",
+            stdin="one\r\n/msg bob two\n\n@bob three\n/who\n/bogus\nlast",
+        )
+        assert done.returncode == 0, done.stderr
+        assert peer.recv(T) == {"type": "joined", "name": "alice"}
+        got = [peer.recv(T) for _ in range(4)]
+        assert [(m["type"], m.get("text")) for m in got] == [
+            ("message", "one"),
+            ("dm", "two"),
+            ("dm", "three"),
+            ("message", "last"),
+        ]
+        assert peer.recv(T) == {"type": "left", "name": "alice", "reason": "leave"}
+        peer.close()
+    assert done.stdout.splitlines()[-1].endswith("here (2): alice, bob")
+    assert "unknown command /bogus" in done.stderr
+    assert "\x1b" not in done.stdout + done.stderr  # no colours in a pipe
+    known = (tmp_path / "config" / "bcast" / "known_hosts").read_text()
+    assert known == f"127.0.0.1:{port} {srv.fingerprint}\n"
+
+
+def test_pipe_mode_paces_to_the_announced_rate(run_server, tmp_path: Path) -> None:
+    """Issue B: piped input is never refused as rate_limited (server rate 10, 25 lines)."""
+    lines = [f"line {i}" for i in range(25)]
+    with run_server(rate=10) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        done = pipe_client(tmp_path, port, "--name", "alice", stdin="\n".join(lines) + "\n")
+        assert done.returncode == 0
+        assert "rate_limited" not in done.stderr
+        peer.recv(T)  # joined
+        assert [peer.recv(T)["text"] for _ in lines] == lines
+        peer.close()
+
+
+def test_pipe_mode_prints_one_message_per_line(run_server, tmp_path: Path) -> None:
+    """Issue B: one received message per line on stdout, status lines on stderr."""
+    with run_server(rate=0) as srv:
+        host, port = srv.address
+        proc = spawn_pipe_client(tmp_path, port, "--name", "bob")
+        assert proc.stderr.readline().startswith("* first connection")
+        assert proc.stderr.readline().startswith("* joined as bob")
+        peer, _ = connect_and_join(host, port, "alice")
+        peer.send({"type": "say", "text": "two\nlines"}, {"type": "dm", "to": "bob", "text": "x"})
+        peer.send({"type": "leave"})
+        peer.wait_closed(T)
+        lines = [proc.stdout.readline() for _ in range(4)]
+        proc.stdin.close()  # end of input: leave
+        assert proc.wait(timeout=T) == 0
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "--> alice joined\n",
+        "<alice> two\\x0alines\n",
+        "[dm] <alice> x\n",
+        "<-- alice left\n",
+    ]
+
+
+def test_too_long_line_is_refused_locally(run_server, tmp_path: Path) -> None:
+    """Issue A: lines over the server's max_text are not sent; a hint says why."""
+    with run_server(rate=0, max_text=10) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        done = pipe_client(tmp_path, port, "--name", "alice", stdin="x" * 11 + "\nshort\n")
+        assert peer.recv(T)["type"] == "joined"
+        assert peer.recv(T)["text"] == "short"
+        peer.close()
+    assert done.returncode == 0
+    assert "not sent: 11 bytes, the server takes at most 10" in done.stderr
+    assert "(too_long)" not in done.stderr
+
+
+def test_name_taken_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
+    with run_server(rate=0) as srv:
+        peer, _ = connect_and_join(*srv.address, "bob")
+        done = pipe_client(tmp_path, srv.address[1], "--name", "BOB")
+        peer.close()
+    assert done.returncode == 1
+    assert "refused the name BOB" in done.stderr and "name_taken" in done.stderr
+
+
+def test_server_loss_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
+    """Issue A: the server goes away: one line, exit 1, no traceback."""
+    with run_server(rate=0) as srv:
+        proc = spawn_pipe_client(tmp_path, srv.address[1], "--name", "bob")
+        assert "joined as bob" in proc.stderr.readline() + proc.stderr.readline()
+        srv.shutdown()
+        _, err = wait_open(proc)
+    assert proc.returncode == 1
+    assert err.strip() == "client.py: the server closed the connection (bye: shutdown)"
+
+
+def test_pins_through_the_cli(run_server, tmp_path: Path) -> None:
+    """Issue B: first use stores, same key passes, changed key exits 2 with the file untouched,
+    `--fingerprint` mismatch exits 2, `--known-hosts` points elsewhere."""
+    kh = tmp_path / "pins"
+    with run_server(rate=0) as srv:
+        port = srv.address[1]
+        args = ("--name", "alice", "--known-hosts", str(kh))
+        first = pipe_client(tmp_path, port, *args)
+        assert first.returncode == 0 and srv.fingerprint in first.stderr
+        assert kh.read_text() == f"127.0.0.1:{port} {srv.fingerprint}\n"
+        again = pipe_client(tmp_path, port, *args)
+        assert again.returncode == 0 and "first connection" not in again.stderr
+        kh.write_text(f"127.0.0.1:{port} {FP_A}\n")
+        changed = pipe_client(tmp_path, port, *args)
+        assert changed.returncode == 2
+        assert FP_A in changed.stderr and srv.fingerprint in changed.stderr
+        assert f"line 1 of {kh}" in changed.stderr
+        assert kh.read_text() == f"127.0.0.1:{port} {FP_A}\n"
+        wrong = pipe_client(tmp_path, port, *args, "--fingerprint", FP_B)
+        assert wrong.returncode == 2 and "--fingerprint" in wrong.stderr
+        right = pipe_client(tmp_path, port, *args, "--fingerprint", srv.fingerprint)
+        assert right.returncode == 0
+    assert not (tmp_path / "config").exists()  # --known-hosts: the default file is untouched
