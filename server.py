@@ -555,8 +555,8 @@ class Server:
         with self.hub.lock:
             self.hub.push_private_locked(conn, data)
             slow = self.hub.lag_locked(conn) > self.settings.max_pending
-            if slow:
-                self.hub.halt_locked(conn, "slow")
+            if slow:  # log and wake once: later replies to a halted conn find it removed
+                slow = self.hub.halt_locked(conn, "slow")
         if slow:
             log.info("dropped %s: over %d pending bytes", conn, self.settings.max_pending)
             wake(conn.sock)
@@ -635,9 +635,8 @@ class Server:
                     ts,
                 )
                 self.hub.push_private_locked(target, data)
-                overflow = self.hub.lag_locked(target) > self.settings.max_pending
-                if overflow:
-                    self.hub.halt_locked(target, "slow")
+                if self.hub.lag_locked(target) > self.settings.max_pending:
+                    overflow = self.hub.halt_locked(target, "slow")
         if problem == "unknown_user":
             raise Refused("unknown_user", f"no user named {msg.to[:64]}")
         if problem == "rate_limited":
