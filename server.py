@@ -4,23 +4,27 @@ Run `python3 server.py --help` for the flags. The wire protocol is PROTOCOL.md
 (bcast/1); docs/PROTOCOL.md explains it in our words.
 
 Rules of this module (read before changing it):
-  * Threads. Per connection: a *reader* (handshake, then records in, every
-    check, id assignment) and, once keyed, a *writer* (the only thread that
-    seals and sends that connection's records, so counter order is wire
-    order). Plus one accept thread and one reaper (timeouts).
+  * Threads. Per connection, a *reader* (handshake, then records in, every
+    check, id assignment). A few *flushers* (FLUSHERS of them) share the
+    keyed connections between them: a connection belongs to one flusher,
+    the only thread that seals and sends its records, so counter order is
+    wire order. Plus one accept thread and one reaper (timeouts).
   * One lock, `Hub.lock`, guards the registry, the shared log and every
     connection's delivery state (cursor, private queue, closing flags).
     Under it: only list/bytes bookkeeping. Never I/O, never crypto, never
-    JSON of user data. Snapshot under the lock, act outside it.
+    JSON of user data. Snapshot under the lock, act outside it. Take it with
+    `with hub:`, which also wakes sleeping flushers after releasing it.
   * The log. Every broadcast (message, joined, left) is encoded once and
-    appended to one bytearray; each receiver has a cursor into it. A writer
-    takes everything between its cursor and the end (skipping its own
+    appended to one bytearray; each receiver has a cursor into it. A flusher
+    takes everything between a cursor and the end (skipping the client's own
     `say`s, merging its private items such as dm/pong/error at their log
     positions) and sends it as ONE record. The cost per message x recipient
     is a memcpy; Python work happens per flush. `id` order is log order.
-  * Sockets. Readers block in recv. Writers send with MSG_DONTWAIT and poll,
-    so a send never waits more than `send_timeout`. Only the reader closes
-    its socket (after its writer ended); others wake it with shutdown().
+  * Sockets. Readers block in recv. Flushers never block on a client: they
+    send with MSG_DONTWAIT, park what did not fit, poll for writability, and
+    drop a client whose record has waited `send_timeout`. A socket is closed
+    by whichever of its reader and its flusher lets go of it last; others
+    only wake threads with shutdown().
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ RECORD_BUDGET = protocol.MAX_RECORD_PLAINTEXT - 1
 # §3: never seal a record that would take the counter to 2**32; keep one for `bye`.
 LAST_DATA_SEQ = crypto_utils.MAX_RECORDS_PER_DIRECTION - 2
 SHUTDOWN_GRACE_S = 1.5  # §4 SIGTERM: we promise an exit within 2 s
+# Two flushers let one seal or send (C code, GIL released) while the other runs Python;
+# more only add switching on a 2-core machine (measured: bench/README.md).
+FLUSHERS = 2
+DRAIN_ON_CLOSE_BYTES = 1024 * 1024  # unread input read away so close() sends FIN, not RST
 
 
 @dataclass(frozen=True)
@@ -92,30 +100,6 @@ def default_key_file() -> Path:
     """$XDG_DATA_HOME/bcast/server_key.pem, i.e. ~/.local/share/bcast/ by default."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "bcast" / "server_key.pem"
-
-
-class SlowPeer(Exception):
-    """A send could not complete within `send_timeout`."""
-
-
-def send_with_deadline(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """Send all of `data`, waiting at most `timeout` seconds in total for buffer space."""
-    view = memoryview(data)
-    deadline: float | None = None
-    while view:
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + timeout
-            if now >= deadline:
-                raise SlowPeer from None
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT)
-            poller.poll(max(1, int((deadline - now) * 1000)))
-            continue
-        view = view[sent:]
 
 
 def wake(sock: socket.socket) -> None:
@@ -154,11 +138,14 @@ class Conn:
         self.accepted_at = now
         self.last_seen = now  # written by the reader only; read racily by the reaper
         self.rx: crypto_utils.RecordCipher | None = None  # reader only
-        self.tx: crypto_utils.RecordCipher | None = None  # writer only
+        self.tx: crypto_utils.RecordCipher | None = None  # its flusher only
         self.bucket: Bucket | None = None  # reader only
-        self.writer: threading.Thread | None = None
-        self.wake: threading.Condition | None = None  # on Hub.lock; the writer sleeps here
+        # flusher only: the unsent rest of the current record, and what to do after it
+        self.outbuf: memoryview | None = None
+        self.close_after_send = False
         # (lock) delivery and lifecycle state
+        self.flusher: Flusher | None = None  # set once keyed, cleared when retired
+        self.holds = 1  # reader, plus the flusher once keyed; the last one closes the socket
         self.name: str | None = None  # set once joined
         self.keyed = False
         self.cursor: int | None = None  # absolute log position; None until joined
@@ -169,8 +156,9 @@ class Conn:
         self.final_end: int | None = None  # after removal: deliver the log up to here
         self.removed = False
         self.reason: str | None = None  # why it left (first cause wins)
-        self.bye: str | None = None  # a bye still to send, then close
-        self.stop = False  # writer: stop now, send nothing more
+        self.bye: str | None = None  # a bye to send after what is due, then close
+        self.bye_sent = False
+        self.stop = False  # flusher: send nothing more, let go of the socket
 
     def __repr__(self) -> str:
         return f"<Conn {self.peer} {self.name or '-'}>"
@@ -190,8 +178,10 @@ class Hub:
         self.lock = threading.Lock()
         self.conns: set[Conn] = set()  # every open connection (max_clients counts these)
         self.joined: dict[str, Conn] = {}  # name_key -> joined connection
-        self.receivers: set[Conn] = set()  # keyed connections whose writer reads the log
-        self.idle_writers: set[Conn] = set()  # writers asleep on their condition
+        self.receivers: set[Conn] = set()  # keyed connections whose flusher reads the log
+        self.flushers: list[Flusher] = []
+        self.kicks: list[Flusher] = []  # sleeping flushers to wake once the lock is released
+        self.drained = threading.Condition(self.lock)  # notified when `conns` becomes empty
         self.log = bytearray()
         self.base = 0  # absolute position of log[0]
         self.ends: list[int] = []  # absolute end of each entry in the log, ascending
@@ -204,19 +194,56 @@ class Hub:
     def log_end(self) -> int:
         return self.base + len(self.log)
 
-    # --- appending (lock held) ---
+    def __enter__(self) -> Hub:
+        self.lock.acquire()
+        return self
 
-    def _wake_writers_locked(self) -> None:
-        for conn in self.idle_writers:
-            conn.wake.notify()
-        self.idle_writers.clear()
+    def __exit__(self, *exc: object) -> None:
+        """Release the lock, then wake the flushers that work was queued for (a pipe write)."""
+        kicks = self.kicks
+        if kicks:
+            self.kicks = []
+        self.lock.release()
+        for flusher in kicks:
+            flusher.kick()
+
+    # --- queueing work for flushers (lock held) ---
+
+    def _kick_locked(self, flusher: Flusher) -> None:
+        if flusher.sleeping:
+            flusher.sleeping = False
+            self.kicks.append(flusher)
+
+    def want_locked(self, conn: Conn) -> None:
+        """Have `conn`'s flusher look at it soon (new private item, bye, stop)."""
+        flusher = conn.flusher
+        if flusher is not None:
+            flusher.dirty.add(conn)
+            self._kick_locked(flusher)
+
+    def has_pending_locked(self, conn: Conn) -> bool:
+        if conn.private:
+            return True
+        if conn.cursor is None:
+            return False
+        end = conn.final_end if conn.final_end is not None else self.log_end
+        return conn.cursor < end
+
+    def release_locked(self, conn: Conn) -> bool:
+        """One holder (reader or flusher) lets go; True if it was the last: close now."""
+        conn.holds -= 1
+        return conn.holds == 0
+
+    # --- appending (lock held) ---
 
     def _append_locked(self, data: bytes) -> tuple[int, int]:
         start = self.log_end
         self.log += data
         end = start + len(data)
         self.ends.append(end)
-        self._wake_writers_locked()
+        # Each flusher rescans its members: work per flush, not per message x recipient.
+        for flusher in self.flushers:
+            self._kick_locked(flusher)
         return start, end
 
     def push_private_locked(self, conn: Conn, data: bytes) -> None:
@@ -225,18 +252,14 @@ class Hub:
             return
         conn.private.append((self.log_end, data))
         conn.private_bytes += len(data)
-        if conn in self.idle_writers:
-            self.idle_writers.discard(conn)
-            conn.wake.notify()
+        self.want_locked(conn)
 
     def halt_locked(self, conn: Conn, reason: str) -> bool:
         """Remove `conn` and stop its writer at once, no `bye` (slow, broken record)."""
         first = self.remove_locked(conn, reason)
         conn.stop = True
         self.receivers.discard(conn)  # its cursor must no longer pin the log
-        if conn.wake is not None:
-            self.idle_writers.discard(conn)
-            conn.wake.notify()
+        self.want_locked(conn)
         return first
 
     def lag_locked(self, conn: Conn) -> int:
@@ -273,9 +296,7 @@ class Hub:
             conn.final_end = self.log_end
             if not self.shutting_down:
                 self._append_locked(entry(protocol.left(conn.name, reason)))
-        if conn.wake is not None and conn in self.idle_writers:
-            self.idle_writers.discard(conn)
-            conn.wake.notify()
+        self.want_locked(conn)
         return True
 
     # --- taking (lock held, writer thread) ---
@@ -319,6 +340,193 @@ class Hub:
             pos = conn.cursor = stop
 
 
+class Flusher:
+    """A writer thread for a share of the keyed connections: take, seal, send, never block.
+
+    Loop: collect the connections worth a look (all of its members when the log
+    grew, else those marked dirty), give each one record of what is due, then
+    sleep in poll() on a wake-up pipe plus the sockets that are full.
+    """
+
+    def __init__(self, server: Server, index: int):
+        self.server = server
+        self.hub = server.hub
+        self.settings = server.settings
+        # (lock) shared with the threads that queue work
+        self.members: set[Conn] = set()
+        self.dirty: set[Conn] = set()
+        self.seen_end = 0  # log_end at the last full scan
+        self.sleeping = False
+        self.closed = False
+        # flusher only
+        self.blocked: dict[Conn, float] = {}  # socket full: conn -> deadline for its record
+        self.unblocked: set[Conn] = set()  # drained since: look again
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)
+        self.thread = threading.Thread(target=self.run, name=f"flusher {index}", daemon=True)
+
+    def kick(self) -> None:
+        """Wake the thread from poll(); called outside the lock (by Hub.__exit__)."""
+        try:
+            os.write(self.wfd, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def run(self) -> None:
+        hub = self.hub
+        try:
+            while True:
+                with hub:
+                    if self.closed:
+                        return
+                    work = self._collect_locked()
+                    if not work and not self.unblocked:
+                        self.sleeping = True
+                if work or self.unblocked:
+                    work |= self.unblocked
+                    self.unblocked = set()
+                    for conn in work:
+                        self._service(conn)
+                    if self.blocked:
+                        self._poll(0)
+                else:
+                    self._poll(self._sleep_ms())
+        except Exception:  # a bug here would silence many clients: make it loud
+            log.exception("flusher failed")
+            raise
+
+    def close_pipe(self) -> None:
+        """Release the wake-up pipe once the thread has ended (no kick can follow)."""
+        if not self.thread.is_alive():
+            os.close(self.rfd)
+            os.close(self.wfd)
+
+    def _collect_locked(self) -> set[Conn]:
+        if self.seen_end != self.hub.log_end:
+            self.seen_end = self.hub.log_end
+            work = self.members | self.dirty
+        else:
+            work = self.dirty
+        self.dirty = set()
+        return work
+
+    def _sleep_ms(self) -> int:
+        if not self.blocked:
+            return -1
+        wait = min(self.blocked.values()) - time.monotonic()
+        return max(0, int(wait * 1000) + 1)
+
+    def _service(self, conn: Conn) -> None:
+        """Give `conn` one record of what is due to it (or its bye, or let it go)."""
+        if conn.outbuf is not None:  # still waiting for room for the previous record
+            if conn.stop:
+                self._retire(conn)
+            return
+        hub = self.hub
+        retire = False
+        with hub:
+            if conn.flusher is not self:
+                return  # retired already
+            if conn.stop:
+                retire = True
+            else:
+                pieces = hub.take_locked(conn)
+                final = False
+                if not pieces:
+                    if conn.bye is not None and not conn.bye_sent:
+                        conn.bye_sent = True
+                        pieces, final = [entry(protocol.bye(conn.bye))], True
+                    elif conn.removed:
+                        retire = True
+                    else:
+                        return
+                elif hub.has_pending_locked(conn) or conn.removed:
+                    self.dirty.add(conn)  # more than a record's worth, or a bye to follow
+        if retire:
+            self._retire(conn)
+            return
+        assert conn.tx is not None
+        if conn.tx.seq >= LAST_DATA_SEQ:  # §3: close before the counter runs out
+            pieces, final = [entry(protocol.bye("shutdown"))], True
+        plaintext = bytearray(b"[")
+        for piece in pieces:
+            plaintext += piece
+        plaintext[-1] = 0x5D  # the last trailing comma becomes "]"
+        record = conn.tx.seal(bytes(plaintext))
+        conn.outbuf = memoryview(protocol.encode_frame(record))
+        conn.close_after_send = final
+        self._push(conn, time.monotonic())
+
+    def _push(self, conn: Conn, now: float) -> None:
+        """Send what fits of `conn.outbuf` without waiting."""
+        out = conn.outbuf
+        try:
+            while out:
+                out = out[conn.sock.send(out, socket.MSG_DONTWAIT) :]
+        except BlockingIOError:
+            conn.outbuf = out
+            self.blocked.setdefault(conn, now + self.settings.send_timeout)
+            return
+        except OSError:
+            self._retire(conn)  # the peer is gone; its reader sees it too and reports it
+            return
+        conn.outbuf = None
+        self.blocked.pop(conn, None)
+        if conn.close_after_send:
+            self._retire(conn)
+        else:
+            self.unblocked.add(conn)
+
+    def _poll(self, timeout_ms: int) -> None:
+        """Wait for a kick or for room on full sockets; drop those past `send_timeout`."""
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        by_fd: dict[int, Conn] = {}
+        for conn in self.blocked:
+            by_fd[conn.sock.fileno()] = conn
+            poller.register(conn.sock, select.POLLOUT)
+        events = poller.poll(timeout_ms)
+        now = time.monotonic()
+        for fd, _ in events:
+            if fd == self.rfd:
+                while True:
+                    try:
+                        if not os.read(self.rfd, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+            elif by_fd[fd] in self.blocked:
+                self._push(by_fd[fd], now)
+        for conn, deadline in list(self.blocked.items()):
+            if now >= deadline:
+                with self.hub:
+                    first = self.hub.halt_locked(conn, "slow")
+                if first:
+                    log.info(
+                        "dropped %s: a send waited over %.1f s", conn, self.settings.send_timeout
+                    )
+                self._retire(conn)
+
+    def _retire(self, conn: Conn) -> None:
+        """This flusher is done with `conn`: no more sends; close it if the reader is gone."""
+        self.blocked.pop(conn, None)
+        self.unblocked.discard(conn)
+        conn.outbuf = None
+        with self.hub:
+            if conn.flusher is not self:
+                return
+            conn.flusher = None
+            conn.stop = True
+            self.members.discard(conn)
+            self.dirty.discard(conn)
+            self.hub.receivers.discard(conn)
+            last = self.hub.release_locked(conn)
+        wake(conn.sock)  # the reader, if still in recv, returns
+        if last:
+            self.server.close(conn)
+
+
 class Server:
     """Owns the listening socket, the hub and every thread."""
 
@@ -333,7 +541,8 @@ class Server:
         self.listener: socket.socket | None = None
         self.address: tuple[str, int] = (settings.host, settings.port)
         self._threads: list[threading.Thread] = []
-        self._readers: set[threading.Thread] = set()  # guarded by hub.lock
+        self.hub.flushers = [Flusher(self, i) for i in range(FLUSHERS)]
+        self._next_flusher = 0  # (lock) round robin
         self._reaper_wake = threading.Event()
         self._stopped = threading.Event()
 
@@ -355,9 +564,10 @@ class Server:
         self.listener = sock
         self.address = sock.getsockname()[:2]
         for target, name in ((self._accept_loop, "accept"), (self._reap_loop, "reaper")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(threading.Thread(target=target, name=name, daemon=True))
+        self._threads += [flusher.thread for flusher in self.hub.flushers]
+        for thread in self._threads:
             thread.start()
-            self._threads.append(thread)
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """§4 SIGTERM: stop accepting, `bye` (shutdown) to keyed clients, no `left`."""
@@ -368,24 +578,32 @@ class Server:
             wake(self.listener)
             self.listener.close()
         to_wake: list[socket.socket] = []
-        with self.hub.lock:
+        with self.hub:
             self.hub.shutting_down = True
             for conn in self.hub.conns:
-                if conn.keyed and conn.writer is not None:
+                if conn.flusher is not None and not conn.stop:
                     self.hub.remove_locked(conn, "shutdown")
-                    conn.bye = "shutdown"
-                    if conn.wake is not None:
-                        self.hub.idle_writers.discard(conn)
-                        conn.wake.notify()
+                    if conn.bye is None:
+                        conn.bye = "shutdown"
+                    self.hub.want_locked(conn)
                 else:
                     to_wake.append(conn.sock)
-            readers = list(self._readers)
         for sock in to_wake:
             wake(sock)
         self._reaper_wake.set()
         deadline = time.monotonic() + grace
-        for thread in readers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        with self.hub:
+            while self.hub.conns and time.monotonic() < deadline:
+                self.hub.drained.wait(deadline - time.monotonic())
+            for flusher in self.hub.flushers:
+                flusher.closed = True
+                self.hub._kick_locked(flusher)
+            kicks, self.hub.kicks = self.hub.kicks, []
+        for flusher in kicks:
+            flusher.kick()
+        for flusher in self.hub.flushers:
+            flusher.thread.join(max(0.1, deadline - time.monotonic()))
+            flusher.close_pipe()
         log.info("server stopped")
 
     # --- accepting ---
@@ -406,7 +624,7 @@ class Server:
     def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock, addr, time.monotonic())
-        with self.hub.lock:
+        with self.hub:
             full = len(self.hub.conns) >= self.settings.max_clients
             if not full:
                 self.hub.conns.add(conn)
@@ -427,16 +645,11 @@ class Server:
             return
         thread = threading.Thread(target=self._serve, args=(conn,), name=f"reader {conn.peer}")
         thread.daemon = True
-        with self.hub.lock:
-            self._readers.add(thread)
         try:
             thread.start()
         except RuntimeError as exc:  # cannot start a thread: refuse this one, keep going
             log.warning("refused %s: %s", conn.peer, exc)
-            with self.hub.lock:
-                self._readers.discard(thread)
-                self.hub.conns.discard(conn)
-            sock.close()
+            self.close(conn)
         else:
             log.info("connect from %s", conn.peer)
 
@@ -490,16 +703,16 @@ class Server:
         decoder.max_len = protocol.MAX_RECORD_FRAME
         conn.rx = crypto_utils.RecordCipher(k_c2s)
         conn.tx = crypto_utils.RecordCipher(k_s2c)
-        writer = threading.Thread(target=self._write_loop, args=(conn,), name=f"writer {conn.peer}")
-        writer.daemon = True
-        with self.hub.lock:
+        with self.hub:
             if conn.removed or self.hub.shutting_down:
                 raise EOFError
-            conn.wake = threading.Condition(self.hub.lock)
-            conn.writer = writer
+            flusher = self.hub.flushers[self._next_flusher % len(self.hub.flushers)]
+            self._next_flusher += 1
+            conn.flusher = flusher
+            conn.holds += 1
             conn.keyed = True
+            flusher.members.add(conn)
             self.hub.receivers.add(conn)
-        writer.start()
 
     def _read_records(self, conn: Conn, decoder: protocol.FrameDecoder) -> None:
         """§3: open each record, decode it, apply its messages in order."""
@@ -534,7 +747,7 @@ class Server:
             elif isinstance(msg, protocol.Ping):
                 self._reply(conn, protocol.pong(msg.id))
             elif isinstance(msg, protocol.Who):
-                with self.hub.lock:
+                with self.hub:
                     names = [c.name for c in self.hub.joined.values()]
                 self._reply(conn, protocol.users(names))
             else:
@@ -552,7 +765,7 @@ class Server:
             data = entry(protocol.error("bad_message", "ping id cannot be echoed"))
         if len(data) > RECORD_BUDGET:
             data = entry(protocol.error("bad_message", "the reply would exceed a record"))
-        with self.hub.lock:
+        with self.hub:
             self.hub.push_private_locked(conn, data)
             slow = self.hub.lag_locked(conn) > self.settings.max_pending
             if slow:  # log and wake once: later replies to a halted conn find it removed
@@ -564,7 +777,7 @@ class Server:
     def _join(self, conn: Conn, msg: protocol.Join) -> None:
         key = protocol.name_key(msg.name)
         now = time.monotonic()
-        with self.hub.lock:
+        with self.hub:
             if key in self.hub.joined:
                 taken = True
             else:
@@ -591,7 +804,7 @@ class Server:
         head, tail = self._message_parts(conn, msg.text)
         now = time.monotonic()
         slow: list[Conn] = []
-        with self.hub.lock:
+        with self.hub:
             if conn.removed:
                 return
             if not conn.bucket.take(now):
@@ -614,7 +827,7 @@ class Server:
         ts = int(time.time() * 1000)
         now = time.monotonic()
         overflow = False
-        with self.hub.lock:
+        with self.hub:
             target = self.hub.joined.get(protocol.name_key(msg.to))
             if conn.removed:
                 return
@@ -655,7 +868,7 @@ class Server:
         return head, tail
 
     def _leave(self, conn: Conn) -> None:
-        with self.hub.lock:
+        with self.hub:
             self.hub.remove_locked(conn, "leave")
             conn.bye = "leave"
         log.info("%s left", conn.name or conn.peer)
@@ -665,63 +878,14 @@ class Server:
             log.info("dropped %s: over %d pending bytes", conn, self.settings.max_pending)
             wake(conn.sock)
 
-    # --- one connection: writer thread ---
-
-    def _write_loop(self, conn: Conn) -> None:
-        """The only sender on `conn` once keyed: take what is due, seal it, send it."""
-        assert conn.tx is not None and conn.wake is not None
-        hub = self.hub
-        try:
-            while True:
-                final = False
-                with hub.lock:
-                    while True:
-                        if conn.stop:
-                            return
-                        pieces = hub.take_locked(conn)
-                        if pieces:
-                            break
-                        if conn.bye is not None or conn.removed:
-                            if conn.bye is None:
-                                return  # removed without a bye (disconnect, slow)
-                            pieces, final = [entry(protocol.bye(conn.bye))], True
-                            break
-                        hub.idle_writers.add(conn)
-                        conn.wake.wait()
-                        hub.idle_writers.discard(conn)
-                if conn.tx.seq >= LAST_DATA_SEQ:  # §3: close before the counter runs out
-                    pieces, final = [entry(protocol.bye("shutdown"))], True
-                plaintext = bytearray(b"[")
-                for piece in pieces:
-                    plaintext += piece
-                plaintext[-1] = 0x5D  # the last trailing comma becomes "]"
-                record = conn.tx.seal(bytes(plaintext))
-                send_with_deadline(
-                    conn.sock, protocol.encode_frame(record), self.settings.send_timeout
-                )
-                if final:
-                    return
-        except SlowPeer:
-            with hub.lock:
-                removed = hub.halt_locked(conn, "slow")
-            if removed:
-                log.info("dropped %s: a send blocked over %.1f s", conn, self.settings.send_timeout)
-        except OSError:
-            pass  # the peer is gone; the reader sees it too and reports it
-        finally:
-            wake(conn.sock)
-
     # --- ending a connection ---
 
     def _drop(self, conn: Conn, reason: str, *, bye: bool, why: str) -> None:
-        """End `conn` for `reason`; with `bye`, the writer sends it before closing."""
-        with self.hub.lock:
-            if bye and conn.writer is not None and conn.bye is None and not conn.stop:
+        """End `conn` for `reason`; with `bye`, its flusher sends that first."""
+        with self.hub:
+            if bye and conn.flusher is not None and conn.bye is None and not conn.stop:
                 first = self.hub.remove_locked(conn, reason)
                 conn.bye = reason
-                if conn.wake is not None:
-                    self.hub.idle_writers.discard(conn)
-                    conn.wake.notify()
             elif conn.bye is None:
                 first = self.hub.halt_locked(conn, reason)
             else:
@@ -731,20 +895,27 @@ class Server:
             log.log(level, "%s closed (%s): %s", conn, reason, why)
 
     def _finish(self, conn: Conn) -> None:
-        """Reader's last act: wait for the writer, close the socket, forget the connection."""
-        if conn.stop:
-            wake(conn.sock)  # a writer blocked in send must not make us wait
-        if conn.writer is not None:
-            conn.writer.join(self.settings.send_timeout + 1.0)
-        wake(conn.sock)
+        """The reader's last act: let go of the socket (its flusher may still send a bye)."""
+        with self.hub:
+            last = self.hub.release_locked(conn)
+        if last:
+            self.close(conn)
+
+    def close(self, conn: Conn) -> None:
+        """Close the socket once nobody uses it, and forget the connection."""
+        try:  # unread input would make close() send RST, which can destroy our last bye
+            for _ in range(DRAIN_ON_CLOSE_BYTES // RECV_CHUNK_BYTES):
+                if not conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
         conn.sock.close()
-        with self.hub.lock:
+        with self.hub:
             self.hub.conns.discard(conn)
             self.hub.receivers.discard(conn)
-            self.hub.idle_writers.discard(conn)
             conn.private.clear()
-            self._readers.discard(threading.current_thread())
-        self._reaper_wake.set()
+            if not self.hub.conns:
+                self.hub.drained.notify_all()
 
     # --- timeouts: reaper thread ---
 
@@ -756,7 +927,7 @@ class Server:
             self._reaper_wake.wait(tick)
             self._reaper_wake.clear()
             now = time.monotonic()
-            with self.hub.lock:
+            with self.hub:
                 expired = [
                     c
                     for c in self.hub.conns
@@ -770,7 +941,7 @@ class Server:
                 if conn.keyed:
                     self._drop(conn, "timeout", bye=True, why="timed out")
                 else:
-                    with self.hub.lock:
+                    with self.hub:
                         self.hub.remove_locked(conn, "timeout")
                     log.info("%s closed: no handshake within %.1f s", conn, s.handshake_timeout)
                     wake(conn.sock)
