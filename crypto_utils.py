@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
@@ -234,17 +235,37 @@ def derive_keys(
 # --- records ---
 
 
+# Records of up to this many 16-byte blocks are encrypted with one ECB call over
+# their counter blocks (faster than building a CTR cipher up to about 4 KiB).
+_SMALL_RECORD_BLOCKS = 256
+
+
+def _counter_tables() -> tuple[list[int], list[int]]:
+    """For n blocks: the counters 1..n as one big-endian integer of n 16-byte blocks,
+    and the multiplier that puts a 64-bit sequence number into bytes 4..11 of each."""
+    counters, spread = [0], [0]
+    for i in range(1, _SMALL_RECORD_BLOCKS + 2):
+        counters.append((counters[-1] << 128) | i)
+        spread.append((spread[-1] << 128) | (1 << 32))
+    return counters, spread
+
+
+_COUNTERS, _SEQ_SPREAD = _counter_tables()
+
+
 class _Gcm:
-    """AES-256-GCM (no AAD, 12-byte nonce, 16-byte tag) with the per-key work done once.
+    """AES-256-GCM (no AAD, nonce 0^4 || u64 seq, 16-byte tag) with per-key work done once.
 
     pycryptodome's GCM object re-derives H, re-expands the GHASH table and builds
     three ciphers for every record (~90 us); the server seals one record per
-    flush per client, so that setup is its hottest path. Here H and the GHASH
-    table are made once per key and each record costs one CTR cipher and two
-    GHASH calls. The GHASH helper is pycryptodome's own C code reached through
-    its private `_mode_gcm._GHASH`; `_select_gcm` checks the result byte for byte
-    against the public API at import and falls back to `_StandardGcm` if anything
-    differs or is missing, so a pycryptodome upgrade can only make it slower.
+    flush per client, so that setup is its hottest path. Here the ECB cipher,
+    H and the GHASH table are made once per key. A small record's keystream is
+    one ECB call over its counter blocks (built with integer arithmetic), a large
+    one's a CTR cipher; the tag is two GHASH calls. The GHASH helper is
+    pycryptodome's own C code reached through its private `_mode_gcm._GHASH`;
+    `_select_gcm` checks the result byte for byte against the public API at
+    import and falls back to `_StandardGcm` if anything differs or is missing,
+    so a pycryptodome upgrade can only make it slower, never wrong.
     """
 
     def __init__(self, key: bytes):
@@ -253,11 +274,27 @@ class _Gcm:
 
         self._key = key
         self._fresh_state = create_string_buffer
-        subkey = AES.new(key, AES.MODE_ECB).encrypt(bytes(16))
+        self._ecb = AES.new(key, AES.MODE_ECB)
         impl = _mode_gcm._ghash_clmul or _mode_gcm._ghash_portable
-        self._ghash = _mode_gcm._GHASH(subkey, impl)
+        self._ghash = _mode_gcm._GHASH(self._ecb.encrypt(bytes(16)), impl)
 
-    def _tag(self, nonce: bytes, ctr_first_block: bytes, ciphertext: memoryview) -> bytes:
+    def _keystream(self, seq: int, size: int) -> tuple[bytes, Any]:
+        """(E_K(J0), a function XOR-ing `size` bytes with the keystream from counter 2)."""
+        blocks = (size + 15) // 16 + 1
+        if blocks <= _SMALL_RECORD_BLOCKS + 1:
+            counters = _COUNTERS[blocks] + seq * _SEQ_SPREAD[blocks]
+            stream = self._ecb.encrypt(counters.to_bytes(16 * blocks, "big"))
+            pad = int.from_bytes(stream[16 : 16 + size], "big")
+
+            def apply(data: Any) -> bytes:
+                return (int.from_bytes(data, "big") ^ pad).to_bytes(size, "big")
+
+            return stream[:16], apply
+        nonce = bytes(4) + seq.to_bytes(8, "big")
+        ctr = AES.new(self._key, AES.MODE_CTR, nonce=nonce, initial_value=1)
+        return ctr.encrypt(bytes(16)), ctr.encrypt  # CTR: decrypting is encrypting
+
+    def _tag(self, mask: bytes, ciphertext: memoryview) -> bytes:
         ghash = self._ghash
         ghash._last_y = self._fresh_state(16)  # GHASH state back to zero for this record
         size = len(ciphertext)
@@ -266,23 +303,20 @@ class _Gcm:
             ghash.update(ciphertext[:whole])
         lengths = bytes(8) + (size * 8).to_bytes(8, "big")  # len(AAD)=0, len(C) in bits
         ghash.update(bytes(ciphertext[whole:]) + bytes(-size % 16) + lengths)
-        value = int.from_bytes(ghash.digest(), "big") ^ int.from_bytes(ctr_first_block, "big")
+        value = int.from_bytes(ghash.digest(), "big") ^ int.from_bytes(mask, "big")
         return value.to_bytes(16, "big")
 
-    def seal(self, nonce: bytes, plaintext: bytes) -> bytes:
-        ctr = AES.new(self._key, AES.MODE_CTR, nonce=nonce, initial_value=1)
-        mask = ctr.encrypt(bytes(16))  # E_K(J0), J0 = nonce || 1; data starts at counter 2
-        ciphertext = ctr.encrypt(plaintext)
-        return ciphertext + self._tag(nonce, mask, memoryview(ciphertext))
+    def seal(self, seq: int, plaintext: bytes) -> bytes:
+        mask, apply = self._keystream(seq, len(plaintext))
+        ciphertext = apply(plaintext)
+        return ciphertext + self._tag(mask, memoryview(ciphertext))
 
-    def open(self, nonce: bytes, record: bytes) -> bytes:
-        view = memoryview(record)
-        ctr = AES.new(self._key, AES.MODE_CTR, nonce=nonce, initial_value=1)
-        mask = ctr.encrypt(bytes(16))
-        expected = self._tag(nonce, mask, view[:-TAG_BYTES])
-        if not hmac.compare_digest(expected, record[-TAG_BYTES:]):
+    def open(self, seq: int, record: bytes) -> bytes:
+        view = memoryview(record)[:-TAG_BYTES]
+        mask, apply = self._keystream(seq, len(view))
+        if not hmac.compare_digest(self._tag(mask, view), record[-TAG_BYTES:]):
             raise ValueError("MAC check failed")
-        return ctr.encrypt(view[:-TAG_BYTES])  # CTR: decrypting is encrypting
+        return apply(view)
 
 
 class _StandardGcm:
@@ -291,30 +325,44 @@ class _StandardGcm:
     def __init__(self, key: bytes):
         self._key = key
 
-    def seal(self, nonce: bytes, plaintext: bytes) -> bytes:
-        cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    def seal(self, seq: int, plaintext: bytes) -> bytes:
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=record_nonce(seq), mac_len=TAG_BYTES)
         ciphertext, tag = cipher.encrypt_and_digest(plaintext)
         return ciphertext + tag
 
-    def open(self, nonce: bytes, record: bytes) -> bytes:
-        cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    def open(self, seq: int, record: bytes) -> bytes:
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=record_nonce(seq), mac_len=TAG_BYTES)
         return cipher.decrypt_and_verify(record[:-TAG_BYTES], record[-TAG_BYTES:])
+
+
+def record_nonce(seq: int) -> bytes:
+    """§3: the 12-byte GCM nonce of record number `seq`: 0x00000000 || u64be(seq)."""
+    return b"\x00\x00\x00\x00" + seq.to_bytes(8, "big")
 
 
 def _select_gcm() -> type:
     """`_Gcm` if it matches `_StandardGcm` exactly on this install, else `_StandardGcm`."""
-    key, nonce = bytes(range(32)), bytes(range(12))
+    key, seq = bytes(range(32)), 0x0102030405060708
     try:
         fast, reference = _Gcm(key), _StandardGcm(key)
-        for size in (0, 1, 15, 16, 17, 100, 4096 + 3):
+        for size in (
+            0,
+            1,
+            15,
+            16,
+            17,
+            100,
+            16 * _SMALL_RECORD_BLOCKS,
+            16 * _SMALL_RECORD_BLOCKS + 1,
+        ):
             plaintext = bytes(i % 251 for i in range(size))
-            record = reference.seal(nonce, plaintext)
-            if fast.seal(nonce, plaintext) != record or fast.open(nonce, record) != plaintext:
+            record = reference.seal(seq, plaintext)
+            if fast.seal(seq, plaintext) != record or fast.open(seq, record) != plaintext:
                 return _StandardGcm
         tampered = bytearray(record)
         tampered[0] ^= 1
         try:
-            fast.open(nonce, bytes(tampered))
+            fast.open(seq, bytes(tampered))
         except ValueError:
             return _Gcm
     except Exception:  # any missing private piece: use the public API
@@ -339,9 +387,6 @@ class RecordCipher:
         self._gcm = GCM_IMPL(key)
         self.seq = seq
 
-    def _nonce(self) -> bytes:
-        return b"\x00\x00\x00\x00" + self.seq.to_bytes(8, "big")
-
     @property
     def exhausted(self) -> bool:
         """True once sealing another record would take the counter to 2**32 (§3)."""
@@ -351,7 +396,7 @@ class RecordCipher:
         """Encrypt one record: ciphertext || 16-byte tag; advances the counter."""
         if self.exhausted:
             raise CryptoError("the record counter is exhausted; the connection must close")
-        record = self._gcm.seal(self._nonce(), plaintext)
+        record = self._gcm.seal(self.seq, plaintext)
         self.seq += 1
         return record
 
@@ -362,7 +407,7 @@ class RecordCipher:
         if self.seq >= MAX_RECORDS_PER_DIRECTION:
             raise CryptoError("the peer's record counter is exhausted")
         try:
-            plaintext = self._gcm.open(self._nonce(), record)
+            plaintext = self._gcm.open(self.seq, record)
         except ValueError:
             raise CryptoError(
                 f"record {self.seq} failed to open (tampered, replayed, reordered or dropped)"
