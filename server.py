@@ -1113,6 +1113,10 @@ def settings_from_args(argv: list[str] | None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
+    # The format uses none of these; skipping them saves work on every log line.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -367,6 +367,41 @@ def test_hand_hkdf_matches_rfc5869():
     )
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    ikm=st.binary(max_size=96),
+    salt=st.binary(max_size=80),
+    info=st.binary(max_size=200),
+    length=st.integers(min_value=1, max_value=200),
+)
+def test_fast_hkdf_equals_pycryptodome_and_cryptography(ikm, salt, info, length):
+    """crypto_utils.hkdf_sha256 (stdlib HMAC) is the HKDF of both libraries, byte for byte."""
+    from Crypto.Protocol.KDF import HKDF as PycryptodomeHKDF
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF as CryptographyHKDF
+
+    ours = c.hkdf_sha256(ikm, salt, info, length)
+    assert len(ours) == length
+    assert ours == PycryptodomeHKDF(ikm, length, salt, SHA256, 1, info)
+    assert ours == CryptographyHKDF(hashes.SHA256(), length, salt, info).derive(ikm)
+
+
+def test_fast_hkdf_matches_rfc5869():
+    """RFC 5869 A.1 known answer, for the function derive_keys uses."""
+    okm = c.hkdf_sha256(b"\x0b" * 22, bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
+    assert okm.hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.binary(max_size=64), length=st.integers(min_value=0, max_value=400))
+def test_fast_mgf1_equals_pycryptodome(seed, length):
+    """OAEP's mask function is pycryptodome's MGF1-SHA-256, only faster."""
+    from Crypto.Signature.pss import MGF1
+
+    assert c._mgf1_sha256(seed, length) == MGF1(seed, length, SHA256)
+
+
 def test_derive_keys_known_answer():
     """§2 session keys: HKDF-SHA256(secret||dh, salt=nonces, info=label||SHA256(spki)||ephs)."""
     okm = hkdf_sha256(
