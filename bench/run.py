@@ -69,8 +69,9 @@ TARGETS: list[tuple[str, dict[str, int], str, str, float | str]] = [
 ]
 # Error counters are summed over the runs, not taken as a median: one is too many.
 SUMMED = ("lost", "duplicated", "out_of_order")
-# other_cpu_pct above this (other programs on the machine, in % of one core) marks a run
-# as disturbed: on 2 cores, a neighbour taking a fifth of a core already moves the figures.
+# other_cpu_pct + steal_pct above this (other programs on the machine, and time the
+# hypervisor gave to other machines, in % of one core) marks a run as disturbed: on
+# 2 cores, a neighbour taking a fifth of a core already moves the figures.
 DISTURBED_PCT = 20.0
 SERVER_FLAGS = {
     "rate": 0,  # no rate limit: we measure throughput
@@ -295,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     traceback.print_exc(file=sys.stderr)
                     figures = {"error": str(exc)}
-                figures["disturbed"] = figures.get("other_cpu_pct", 0) > DISTURBED_PCT
+                figures["disturbed"] = (
+                    figures.get("other_cpu_pct", 0) + figures.get("steal_pct", 0) > DISTURBED_PCT
+                )
                 runs.append(figures)
             median = summarize(runs)
             shown = {k: v for k, v in params.items() if k != "scenario"}

@@ -308,13 +308,14 @@ class ServerMeter:
     def __init__(self, pid: int):
         self.pid = pid
         self.user0, self.sys0 = serverproc.cpu_times(pid)
-        self.busy0 = serverproc.machine_busy_seconds()
+        self.busy0, self.steal0 = serverproc.machine_busy_seconds()
         self.wall0 = time.monotonic()
         self.figures: dict[str, float] = {}
 
     def stop(self) -> None:
         user, system = serverproc.cpu_times(self.pid)
-        self.busy = serverproc.machine_busy_seconds() - self.busy0
+        busy, steal = serverproc.machine_busy_seconds()
+        self.busy, self.steal = busy - self.busy0, steal - self.steal0
         self.wall = time.monotonic() - self.wall0
         user, system = user - self.user0, system - self.sys0
         self.figures = {
@@ -324,12 +325,13 @@ class ServerMeter:
         }
 
     def generator(self, gen_cpu: float) -> dict[str, float]:
-        """The generator's share, and what the rest of the machine used meanwhile."""
+        """The generator's share, what the rest of the machine used, and steal meanwhile."""
         other = self.busy - self.figures["server_cpu_s"] - gen_cpu
         return {
             "gen_cpu_s": gen_cpu,
             "gen_cpu_pct": 100 * gen_cpu / self.wall,
             "other_cpu_pct": 100 * max(0.0, other) / self.wall,
+            "steal_pct": 100 * self.steal / self.wall,
         }
 
 

@@ -171,13 +171,19 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds spent busy by the whole machine since boot (all cores), /proc/stat."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine since boot (all cores), /proc/stat.
+
+    `busy` is what programs here used; `stolen` is time the hypervisor gave to
+    other machines while this one wanted to run (steal): on a shared host it
+    slows every figure without any program here being busy.
+    """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
     guest = sum(fields[8:10])  # already counted in user and nice
-    return (sum(fields) - idle - guest) / CLK_TCK
+    return (sum(fields) - idle - steal - guest) / CLK_TCK, steal / CLK_TCK
 
 
 def status_fields(pid: int) -> dict[str, str]:

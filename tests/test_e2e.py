@@ -216,6 +216,36 @@ def test_late_joiner_gets_only_later_messages(chat) -> None:
         assert until_message(bob, "after") == []
 
 
+def test_presence_news_keeps_its_place_before_says(chat) -> None:
+    """§4 joined/left: the server may hold presence news back to batch it, but a say that
+    follows a join or a leave in the log never overtakes it, for any receiver."""
+    with chat(rate=0) as room:
+        bob, zoe = room.join_all("bob", "zoe")
+        # carol's join and first say arrive in one record: joined must come first.
+        room.connect(first=[{"type": "join", "name": "carol"}, say("hello from carol")])
+        for peer in (bob, zoe):
+            assert peer.recv(RECV_S) == {"type": "joined", "name": "carol"}
+            msg = peer.recv(RECV_S)
+            assert (msg["type"], msg["from"], msg["text"]) == (
+                "message",
+                "carol",
+                "hello from carol",
+            )
+        # dave joins, then zoe speaks at once: bob sees dave's arrival before zoe's say.
+        dave, _ = room.join("dave")
+        zoe.send(say("right after dave"))
+        assert bob.recv(RECV_S) == {"type": "joined", "name": "dave"}
+        assert bob.recv(RECV_S)["text"] == "right after dave"
+        assert zoe.recv(RECV_S) == {"type": "joined", "name": "dave"}
+        assert dave.recv(RECV_S)["text"] == "right after dave"
+        # zoe leaves, then bob speaks at once: dave sees the leave before bob's say.
+        zoe.send({"type": "leave"})
+        assert zoe.recv(RECV_S) == {"type": "bye", "reason": "leave"}
+        bob.send(say("after zoe left"))
+        assert dave.recv(RECV_S) == {"type": "left", "name": "zoe", "reason": "leave"}
+        assert dave.recv(RECV_S)["text"] == "after zoe left"
+
+
 def test_default_welcome_carries_limits(chat) -> None:
     """§4 welcome: max_text and rate are the server's settings (defaults 16384 and 10)."""
     with chat() as room:
