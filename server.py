@@ -20,7 +20,10 @@ Rules of this module (read before changing it):
     `say`s, merging its private items such as dm/pong/error at their log
     positions) and sends it as ONE record. The cost per message x recipient
     is a memcpy; Python work happens per flush. `id` order is log order.
-  * Sockets. Readers block in recv. Flushers never block on a client: they
+    A say or dm is flushed at once; presence news (joined, left) may wait
+    PRESENCE_DELAY_S for company, and any later say takes it along in order.
+  * Sockets. Readers wait in poll(), then recv what is there (no buffer is
+    held by an idle client). Flushers never block on a client: they
     send with MSG_DONTWAIT, park what did not fit, poll for writability, and
     drop a client whose record has waited `send_timeout`. A socket is closed
     by whichever of its reader and its flusher lets go of it last; others
