@@ -162,6 +162,7 @@ class Conn:
         self.holds = 1  # reader, plus the flusher once keyed; the last one closes the socket
         self.name: str | None = None  # set once joined
         self.keyed = False
+        self.key_read = False  # its `key` frame was read: shutdown owes it a bye (§4)
         self.cursor: int | None = None  # absolute log position; None until joined
         self.private: deque[tuple[int, bytes]] = deque()  # (log position, entry)
         self.private_bytes = 0
@@ -591,8 +592,14 @@ class Server:
 
     # --- lifecycle ---
 
-    def start(self) -> None:
-        """Bind, listen and start the accept and reaper threads."""
+    def listen(self) -> None:
+        """Raise the fd limit, bind and listen; nothing is accepted until `start`.
+
+        Split from `start` so that `main` prints the fingerprint before the first
+        connection is accepted (§2 Server identity).
+        """
+        if self.listener is not None:
+            return
         threading.stack_size(THREAD_STACK_BYTES)
         raise_fd_limit(self.settings.max_clients)
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
@@ -606,6 +613,10 @@ class Server:
             raise
         self.listener = sock
         self.address = sock.getsockname()[:2]
+
+    def start(self) -> None:
+        """Listen (if not yet), then start the accept, reaper and flusher threads."""
+        self.listen()
         for target, name in ((self._accept_loop, "accept"), (self._reap_loop, "reaper")):
             self._threads.append(threading.Thread(target=target, name=name, daemon=True))
         self._threads += [flusher.thread for flusher in self.hub.flushers]
@@ -629,8 +640,9 @@ class Server:
                     if conn.bye is None:
                         conn.bye = "shutdown"
                     self.hub.want_locked(conn)
-                else:
+                elif not conn.key_read or conn.removed:
                     to_wake.append(conn.sock)
+                # else: its reader is deriving keys; it sees shutting_down and says bye itself
         for sock in to_wake:
             wake(sock)
         self._reaper_wake.set()
@@ -746,6 +758,10 @@ class Server:
         hello = protocol.Hello(key=self.spki, nonce=nonce, eph=eph.public)
         conn.sock.sendall(protocol.encode_frame(protocol.encode_hello(hello)))
         body = self._recv_frame(conn, decoder)
+        with self.hub:
+            if self.hub.shutting_down:
+                raise EOFError  # shutdown came first and has woken this socket
+            conn.key_read = True
         key_msg = protocol.parse_key(body)
         k_c2s, k_s2c = crypto_utils.server_keys(
             self.key, self.spki, nonce, eph, key_msg.nonce, key_msg.secret, key_msg.eph
@@ -755,15 +771,34 @@ class Server:
         conn.rx = crypto_utils.RecordCipher(k_c2s)
         conn.tx = crypto_utils.RecordCipher(k_s2c)
         with self.hub:
-            if conn.removed or self.hub.shutting_down:
+            shutting_down = self.hub.shutting_down
+            if conn.removed and not shutting_down:
                 raise EOFError
-            flusher = self.hub.flushers[self._next_flusher % len(self.hub.flushers)]
-            self._next_flusher += 1
-            conn.flusher = flusher
-            conn.holds += 1
-            conn.keyed = True
-            flusher.members.add(conn)
-            self.hub.receivers.add(conn)
+            if not shutting_down:
+                flusher = self.hub.flushers[self._next_flusher % len(self.hub.flushers)]
+                self._next_flusher += 1
+                conn.flusher = flusher
+                conn.holds += 1
+                conn.keyed = True
+                flusher.members.add(conn)
+                self.hub.receivers.add(conn)
+        if shutting_down:
+            self._bye_from_reader(conn, "shutdown")
+            raise EOFError
+
+    def _bye_from_reader(self, conn: Conn, reason: str) -> None:
+        """§4: `bye` to a connection that sent `key` but has no flusher yet (shutdown).
+
+        With no flusher, the reader is the only thread with its send counter, so
+        it may seal. One non-blocking send: the client has had nothing since
+        `hello`, so its buffer has room; if not, it is closed without the bye.
+        """
+        assert conn.tx is not None
+        record = conn.tx.seal(b"[" + entry(protocol.bye(reason))[:-1] + b"]")
+        try:
+            conn.sock.send(protocol.encode_frame(record), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     def _read_records(self, conn: Conn, decoder: protocol.FrameDecoder) -> None:
         """§3: open each record, decode it, apply its messages in order."""
@@ -1054,6 +1089,9 @@ FLAGS: list[tuple[str, Any, Any, str]] = [
 ]
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="server.py",
@@ -1073,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         type=str.upper,
         default=os.environ.get("BCAST_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         help="BCAST_LOG_LEVEL (default INFO)",
     )
     return p
@@ -1094,6 +1132,10 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         (args.handshake_timeout > 0, "--handshake-timeout must be positive"),
         (args.send_timeout > 0, "--send-timeout must be positive"),
         (args.max_pending >= 65536, "--max-pending must be at least 65536 bytes"),
+        (  # argparse checks `choices` for typed flags, not for a default from the environment
+            args.log_level in LOG_LEVELS,
+            f"--log-level (or BCAST_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -1132,7 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server.py: {exc}", file=sys.stderr)
         return 1
     try:
-        server.start()
+        server.listen()
     except OSError as exc:
         where = f"{settings.host}:{settings.port}"
         print(f"server.py: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
@@ -1146,6 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--fingerprint {server.fingerprint}",
         flush=True,
     )
+    server.start()  # §2: the fingerprint is out before the first connection is accepted
     log.info("listening on %s:%d, fingerprint %s", host, port, server.fingerprint)
     return run_until_signal(server)
 

@@ -1,0 +1,136 @@
+"""server.py as a program: flags and their environment fallbacks, start-up order, and the
+shutdown `bye` owed to a connection caught in the middle of its handshake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from refpeer import RefPeer
+
+import crypto_utils
+import server
+
+WAIT_S = 5.0
+
+
+def run_server_py(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BCAST_")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**clean, **(env or {})},
+    )
+
+
+def test_help_names_every_flag_and_its_environment_variable() -> None:
+    """Issue 3: each flag is shown by --help with its BCAST_* fallback."""
+    done = run_server_py("--help")
+    assert done.returncode == 0
+    for flag, *_ in server.FLAGS:
+        assert f"--{flag}" in done.stdout
+        assert "BCAST_" + flag.upper().replace("-", "_") in done.stdout
+    assert "--log-level" in done.stdout and "BCAST_LOG_LEVEL" in done.stdout
+
+
+def test_environment_fallbacks_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 3: a flag beats its BCAST_* variable, which beats the spec's default."""
+    for name in list(os.environ):
+        if name.startswith("BCAST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", "/tmp/xdg-data-for-test")
+    defaults = server.settings_from_args([])
+    assert (defaults.host, defaults.port, defaults.max_clients) == ("127.0.0.1", 12345, 1000)
+    assert (defaults.rate, defaults.max_text, defaults.max_pending) == (10, 16384, 4 * 2**20)
+    assert (defaults.idle_timeout, defaults.handshake_timeout, defaults.send_timeout) == (
+        120.0,
+        10.0,
+        5.0,
+    )
+    assert defaults.key_file == Path("/tmp/xdg-data-for-test/bcast/server_key.pem")
+    assert defaults.log_level == "INFO"
+    monkeypatch.setenv("BCAST_MAX_TEXT", "99")
+    monkeypatch.setenv("BCAST_RATE", "0")
+    monkeypatch.setenv("BCAST_LOG_LEVEL", "debug")
+    from_env = server.settings_from_args([])
+    assert (from_env.max_text, from_env.rate, from_env.log_level) == (99, 0, "DEBUG")
+    assert server.settings_from_args(["--max-text", "100"]).max_text == 100
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"BCAST_LOG_LEVEL": "chatty"}, "BCAST_LOG_LEVEL"),
+        ({"BCAST_PORT": "twelve"}, "--port"),
+        ({"BCAST_PORT": "70000"}, "--port"),
+        ({"BCAST_MAX_PENDING": "10"}, "--max-pending"),
+    ],
+)
+def test_bad_environment_value_is_one_sentence_and_exit_2(env: dict[str, str], words: str):
+    """A bad value from the environment is a usage error like a bad flag: no traceback."""
+    done = run_server_py(env=env)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert words in done.stderr.splitlines()[-1]
+
+
+def test_fingerprint_is_printed_before_accepting(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """§2 Server identity: the fingerprint line is on stdout before connections are accepted."""
+    printed_before_start: list[str] = []
+    real_start = server.Server.start
+
+    def start(self: server.Server) -> None:
+        printed_before_start.append(capsys.readouterr().out)
+        real_start(self)
+
+    def stop_at_once(srv: server.Server) -> int:
+        srv.shutdown()
+        return 0
+
+    monkeypatch.setattr(server.Server, "start", start)
+    monkeypatch.setattr(server, "run_until_signal", stop_at_once)
+    assert server.main(["--port", "0", "--key-file", str(key_file), "--log-level", "ERROR"]) == 0
+    assert len(printed_before_start) == 1
+    lines = printed_before_start[0].splitlines()
+    fingerprint = crypto_utils.fingerprint(
+        crypto_utils.spki_der(crypto_utils.load_or_create_server_key(key_file))
+    )
+    assert f"fingerprint: {fingerprint}" in lines
+    assert any(line.startswith("bcast server listening on 127.0.0.1:") for line in lines)
+
+
+def test_shutdown_during_key_derivation_still_says_bye(
+    run_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§4: SIGTERM sends bye(shutdown) to every connection that has sent `key`, also one
+    whose session keys are still being derived when the shutdown starts."""
+    entered, release = threading.Event(), threading.Event()
+    real_server_keys = crypto_utils.server_keys
+
+    def slow_server_keys(*args, **kwargs):
+        entered.set()
+        release.wait(WAIT_S)
+        return real_server_keys(*args, **kwargs)
+
+    monkeypatch.setattr(crypto_utils, "server_keys", slow_server_keys)
+    with run_server() as srv:
+        peer = RefPeer.connect(*srv.address, timeout=WAIT_S)
+        assert entered.wait(WAIT_S)
+        stopper = threading.Thread(target=srv.shutdown)
+        stopper.start()
+        while not srv.hub.shutting_down:
+            threading.Event().wait(0.001)
+        release.set()
+        assert peer.wait_closed(WAIT_S) == [{"type": "bye", "reason": "shutdown"}]
+        stopper.join(WAIT_S)
+        assert not stopper.is_alive()
+        peer.close()
