@@ -690,6 +690,21 @@ def test_pipe_mode_sends_lines_and_leaves_at_eof(run_server, tmp_path: Path) -> 
     assert known == f"127.0.0.1:{port} {srv.fingerprint}\n"
 
 
+def test_pipe_mode_exit_leaves_and_ignores_the_rest(run_server, tmp_path: Path) -> None:
+    """Issue 3: typing `exit` (here: a piped line) leaves at once, exit status 0; the lines
+    after it are not sent."""
+    with run_server(rate=0) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        done = pipe_client(tmp_path, port, "--name", "alice", stdin="before\nexit\nafter exit\n")
+        assert done.returncode == 0, done.stderr
+        assert peer.recv(T) == {"type": "joined", "name": "alice"}
+        assert peer.recv(T)["text"] == "before"
+        # left comes right after "before": "after exit" was never sent
+        assert peer.recv(T) == {"type": "left", "name": "alice", "reason": "leave"}
+        peer.close()
+
+
 def test_pipe_mode_paces_to_the_announced_rate(run_server, tmp_path: Path) -> None:
     """Issue B: piped input is never refused as rate_limited (server rate 10, 25 lines)."""
     lines = [f"line {i}" for i in range(25)]

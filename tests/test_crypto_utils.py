@@ -95,6 +95,34 @@ def test_key_file_created_0600_under_umask_0(tmp_path: Path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_key_file_is_0600_before_its_first_byte(tmp_path: Path, monkeypatch):
+    """Issue 2: the key is never briefly readable by others: when the first byte of the
+    PEM is written, the file's mode is already exactly 0600 (even under umask 0)."""
+    path = tmp_path / "server_key.pem"
+    modes_at_write: list[int] = []
+    real_write = os.write
+
+    def spying_write(fd: int, data) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            modes_at_write.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spying_write)
+    old = os.umask(0)
+    try:
+        c.load_or_create_server_key(path, bits=2048)
+    finally:
+        os.umask(old)
+    assert modes_at_write and set(modes_at_write) == {0o600}
+
+
+def test_new_server_key_is_3072_bits_by_default(tmp_path: Path):
+    """Issue 2: a server key created without a size is 3072-bit RSA."""
+    key = c.load_or_create_server_key(tmp_path / "k.pem")
+    assert key.size_in_bits() == 3072
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o666, 0o700 | 0o044])
 def test_key_file_readable_by_others_refused(tmp_path: Path, rsa_key: RsaKey, mode: int):
     """§2: the server refuses a key file readable by group or others, naming the file."""

@@ -85,8 +85,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 def server_threads() -> list[threading.Thread]:
-    """Per-connection threads of any in-process server (named `reader ...` / `writer ...`)."""
-    return [t for t in threading.enumerate() if t.name.startswith(("reader ", "writer "))]
+    """Reader and flusher threads of any in-process server (`reader <peer>`, `flusher <n>`)."""
+    return [t for t in threading.enumerate() if t.name.startswith(("reader ", "flusher "))]
 
 
 def open_fds() -> int:

@@ -954,6 +954,7 @@ def test_fuzz_client_messages_raise_only_refused(objs: list[dict[str, Any]]):
             continue
         if isinstance(msg, (p.Say, p.Dm)):
             assert msg.text and len(msg.text.encode("utf-8")) <= 20
+            assert not any(p.is_forbidden_char(ch) for ch in msg.text)  # C0, DEL, C1, surrogate
         if isinstance(msg, p.Join):
             assert p.valid_name(msg.name) == msg.name
         if isinstance(msg, p.Ping):  # what the server echoes in pong must encode
@@ -969,3 +970,37 @@ def test_fuzz_server_messages_raise_only_bye_protocol(objs: list[dict[str, Any]]
             p.parse_server_message(obj)
         except ByeProtocol:
             pass
+
+
+# --- codec round trip: every valid client message survives encode -> record -> decode ---
+
+VALID_TEXTS = st.text(
+    st.characters(exclude_categories=("Cc", "Cs")) | st.sampled_from(["\n", "\t"]),
+    min_size=1,
+    max_size=40,
+)
+VALID_NAMES = st.sampled_from(["alice", "José", "Jose\u0301", "राहुल", "太郎", "Анна", "x_1.-"]) | (
+    st.text(st.sampled_from("abcXYZ019_-.é"), min_size=1, max_size=32).filter(
+        lambda name: p.valid_name(name) == name
+    )
+)
+VALID_CLIENT_MESSAGES = st.one_of(
+    VALID_NAMES.map(lambda name: p.Join(p.valid_name(name))),
+    VALID_TEXTS.map(p.Say),
+    st.builds(p.Dm, to=VALID_NAMES, text=VALID_TEXTS),
+    st.just(p.Who()),
+    st.just(p.Leave()),
+    (st.none() | st.booleans() | st.integers(-(2**60), 2**60) | VALID_TEXTS).map(p.Ping),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msgs=st.lists(VALID_CLIENT_MESSAGES, min_size=1, max_size=5))
+def test_client_messages_round_trip_through_a_record(msgs: list[p.ClientMessage]):
+    """§3/§4: a record of valid client messages decodes to exactly those messages."""
+    plaintext = p.join_record([p.encode_client_message(m) for m in msgs])
+    decoded = []
+    for obj in p.decode_record(plaintext):
+        p.message_type(obj)
+        decoded.append(p.parse_client_message(obj))
+    assert decoded == msgs

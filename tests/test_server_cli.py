@@ -134,3 +134,60 @@ def test_shutdown_during_key_derivation_still_says_bye(
         stopper.join(WAIT_S)
         assert not stopper.is_alive()
         peer.close()
+
+
+class FakeLimits:
+    """Stands in for `resource`'s RLIMIT_NOFILE get/set, recording what was asked."""
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False):
+        self.limits = (soft, hard)
+        self.refuse = refuse
+        self.set_calls: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        self.set_calls.append(limits)
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "refuse", "max_clients", "raised_to", "warns"),
+    [
+        (1024, 65536, False, 1000, 65536, False),  # lifted to the hard limit, enough
+        (256, 512, False, 1000, 512, True),  # lifted, still too few for 1000 clients
+        (256, 4096, True, 1000, None, True),  # the system refuses: say so
+        (8192, 8192, False, 1000, None, False),  # already at the hard limit, enough
+    ],
+)
+def test_open_file_limit_raised_and_shortfall_reported(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    soft: int,
+    hard: int,
+    refuse: bool,
+    max_clients: int,
+    raised_to: int | None,
+    warns: bool,
+) -> None:
+    """Issue 4: at start the server lifts its soft open-file limit as far as the hard
+    limit allows, and logs a warning when it stays below what --max-clients needs."""
+    import resource
+
+    fake = FakeLimits(soft, hard, refuse)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    with caplog.at_level("WARNING", logger="bcast.server"):
+        server.raise_fd_limit(max_clients)
+    if raised_to is not None:
+        assert fake.set_calls == [(raised_to, hard)]
+    elif not refuse:
+        assert fake.set_calls == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warns:
+        assert len(warnings) == 1 and f"--max-clients {max_clients}" in warnings[0]
+    else:
+        assert warnings == []
