@@ -294,21 +294,35 @@ class Hub:
         return behind + conn.private_bytes
 
     def compact_locked(self) -> list[Conn]:
-        """Every `compact_step` bytes: drop receivers over max_pending, trim the log.
+        """Now and then: drop receivers over max_pending, trim the log.
 
+        A scan costs one pass over the receivers, so it runs only when the log
+        has grown far enough that someone could have crossed max_pending: the
+        next scan is due when the closest receiver would cross it, at most
+        `compact_step` bytes on, at least `max_pending // 64` (so a receiver
+        that lingers near the limit cannot make every say scan). A slow client
+        is thus dropped at most max_pending/64 bytes (and one message) late.
         Returns the connections dropped as slow; the caller wakes their sockets.
         """
         if len(self.log) < self.compact_at:
             return []
-        slow = [c for c in self.receivers if self.lag_locked(c) > self.settings.max_pending]
+        max_pending = self.settings.max_pending
+        slow = [c for c in self.receivers if self.lag_locked(c) > max_pending]
         for conn in slow:
             self.halt_locked(conn, "slow")
-        low = min((c.cursor for c in self.receivers if c.cursor is not None), default=self.log_end)
+        end = self.log_end
+        low = crossing = end + self.compact_step
+        for c in self.receivers:
+            if c.cursor is not None:
+                low = min(low, c.cursor)
+                crossing = min(crossing, c.cursor + max_pending - c.private_bytes + 1)
+        low = min(low, end)
         if low > self.base:
             del self.log[: low - self.base]
             self.base = low
             del self.ends[: bisect.bisect_right(self.ends, low)]
-        self.compact_at = len(self.log) + self.compact_step
+        soonest = end + max(1, max_pending // 64)
+        self.compact_at = max(crossing, soonest) - self.base
         return slow
 
     def remove_locked(self, conn: Conn, reason: str) -> bool:

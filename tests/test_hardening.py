@@ -17,6 +17,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -810,3 +811,41 @@ def test_slow_eviction_logged_once(run_server, caplog: pytest.LogCaptureFixture)
             assert alice.recv(5) == {"type": "users", "names": ["alice"]}
     lines = lines_about(caplog, "stalled")
     assert len(lines) == 1, f"{len(lines)} lines for one eviction: {lines[:3]}"
+
+
+@pytest.mark.parametrize("max_pending", [65536, 4 * 2**20])
+@pytest.mark.parametrize("read_first", [0, 37, 5003])
+def test_slow_receiver_dropped_within_a_64th_past_max_pending(
+    max_pending: int, read_first: int
+) -> None:
+    """§4 max_pending: the server notices a receiver over the limit promptly: at most
+    max_pending/64 bytes plus one message past it, while a receiver that keeps up stays."""
+    import server
+
+    hub = server.Hub(server.Settings(key_file=Path("unused"), max_pending=max_pending))
+    socks = socket.socketpair()
+    try:
+        stuck = server.Conn(socks[0], ("127.0.0.1", 1), 0.0)
+        reader = server.Conn(socks[1], ("127.0.0.1", 2), 0.0)
+        for conn in (stuck, reader):
+            conn.keyed, conn.cursor = True, hub.log_end
+            hub.receivers.add(conn)
+        piece = b"x" * 199 + b","
+        most = 0
+        with hub:
+            for _ in range(read_first):  # both read for a while, then one stops
+                hub._append_locked(piece)
+                hub.take_locked(stuck)
+                hub.take_locked(reader)
+                hub.compact_locked()
+            while not stuck.removed:
+                hub._append_locked(piece)
+                most = max(most, hub.lag_locked(stuck))
+                hub.take_locked(reader)  # this one reads everything at once
+                hub.compact_locked()
+                assert len(hub.log) <= max_pending + max_pending // 64 + 2 * len(piece)
+        assert stuck.reason == "slow" and not reader.removed
+        assert max_pending < most <= max_pending + max_pending // 64 + len(piece)
+    finally:
+        for sock in socks:
+            sock.close()
