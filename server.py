@@ -75,6 +75,10 @@ THREAD_STACK_BYTES = 256 * 1024
 COMPACT_STEP_MAX_BYTES = 1024 * 1024
 # Per record: the JSON array brackets replace one trailing comma, so budget + 1.
 RECORD_BUDGET = protocol.MAX_RECORD_PLAINTEXT - 1
+# A name in JSON at its longest: 32 characters of up to 4 UTF-8 bytes, quotes, comma.
+NAME_JSON_MAX_BYTES = 4 * protocol.MAX_NAME_CHARS + 3
+# `welcome` lists every other name in one record (§4): so many clients always fit.
+MAX_CLIENTS_LIMIT = (RECORD_BUDGET - 1024) // NAME_JSON_MAX_BYTES
 # §3: never seal a record that would take the counter to 2**32; keep one for `bye`.
 LAST_DATA_SEQ = crypto_utils.MAX_RECORDS_PER_DIRECTION - 2
 SHUTDOWN_GRACE_S = 1.5  # §4 SIGTERM: we promise an exit within 2 s
@@ -161,6 +165,7 @@ class Conn:
         self.flusher: Flusher | None = None  # set once keyed, cleared when retired
         self.holds = 1  # reader, plus the flusher once keyed; the last one closes the socket
         self.name: str | None = None  # set once joined
+        self.name_json: bytes = b""  # the name as JSON, once joined
         self.keyed = False
         self.key_read = False  # its `key` frame was read: shutdown owes it a bye (§4)
         self.cursor: int | None = None  # absolute log position; None until joined
@@ -193,6 +198,10 @@ class Hub:
         self.lock = threading.Lock()
         self.conns: set[Conn] = set()  # every open connection (max_clients counts these)
         self.joined: dict[str, Conn] = {}  # name_key -> joined connection
+        # The joined names as JSON strings, in code point order (which is their byte
+        # order: names hold no quote, backslash or control character). `welcome` and
+        # `users` are a join of these: no JSON and no sort per join under the lock.
+        self.names: list[bytes] = []
         self.receivers: set[Conn] = set()  # keyed connections whose flusher reads the log
         self.flushers: list[Flusher] = []
         self.kicks: list[Flusher] = []  # sleeping flushers to wake once the lock is released
@@ -333,9 +342,14 @@ class Hub:
         conn.reason = reason
         if conn.name is not None:
             del self.joined[protocol.name_key(conn.name)]
+            self.names.remove(conn.name_json)
             conn.final_end = self.log_end
             if not self.shutting_down:
-                self._append_locked(entry(protocol.left(conn.name, reason)), urgent=False)
+                left = b'{"type":"left","name":%s,"reason":"%s"},' % (
+                    conn.name_json,
+                    reason.encode(),
+                )
+                self._append_locked(left, urgent=False)
         self.want_locked(conn)
         return True
 
@@ -848,8 +862,8 @@ class Server:
                 self._reply(conn, protocol.pong(msg.id))
             elif isinstance(msg, protocol.Who):
                 with self.hub:
-                    names = [c.name for c in self.hub.joined.values()]
-                self._reply(conn, protocol.users(names))
+                    users = b'{"type":"users","names":[%s]},' % b",".join(self.hub.names)
+                self._push_reply(conn, users)
             else:
                 self._leave(conn)
                 return False
@@ -863,6 +877,10 @@ class Server:
             data = entry(obj)
         except ValueError:  # e.g. a ping id that JSON cannot carry back (a huge integer)
             data = entry(protocol.error("bad_message", "ping id cannot be echoed"))
+        self._push_reply(conn, data)
+
+    def _push_reply(self, conn: Conn, data: bytes) -> None:
+        """Queue one encoded reply for `conn` alone; drop it as slow if that is too much."""
         if len(data) > RECORD_BUDGET:
             data = entry(protocol.error("bad_message", "the reply would exceed a record"))
         with self.hub:
@@ -876,26 +894,24 @@ class Server:
 
     def _join(self, conn: Conn, msg: protocol.Join) -> None:
         key = protocol.name_key(msg.name)
+        name_json = json.dumps(msg.name, ensure_ascii=False).encode()
+        joined = b'{"type":"joined","name":%s},' % name_json
+        welcome_head = b'{"type":"welcome","name":%s,"users":[' % name_json
+        welcome_tail = b'],"max_text":%d,"rate":%d},' % (self.settings.max_text, self.settings.rate)
         now = time.monotonic()
         with self.hub:
             if key in self.hub.joined:
                 taken = True
             else:
                 taken = False
-                others = [c.name for c in self.hub.joined.values()]
-                self.hub._append_locked(entry(protocol.joined(msg.name)), urgent=False)
+                welcome = welcome_head + b",".join(self.hub.names) + welcome_tail
+                self.hub._append_locked(joined, urgent=False)
                 self.hub.joined[key] = conn
-                conn.name = msg.name
+                bisect.insort(self.hub.names, name_json)
+                conn.name, conn.name_json = msg.name, name_json
                 conn.cursor = self.hub.log_end
                 conn.bucket = Bucket(self.settings.rate, now)
-                self.hub.push_private_locked(
-                    conn,
-                    entry(
-                        protocol.welcome(
-                            msg.name, others, self.settings.max_text, self.settings.rate
-                        )
-                    ),
-                )
+                self.hub.push_private_locked(conn, welcome)
         if taken:
             raise Refused("name_taken", f"the name {msg.name} is taken")
         log.info("%s joined as %r", conn.peer, msg.name)
@@ -1136,7 +1152,11 @@ def settings_from_args(argv: list[str] | None) -> Settings:
     args = parser.parse_args(argv)  # argparse converts string defaults from the environment
     checks = [
         (0 <= args.port <= 65535, "--port must be 0..65535"),
-        (args.max_clients >= 1, "--max-clients must be at least 1"),
+        (
+            1 <= args.max_clients <= MAX_CLIENTS_LIMIT,
+            f"--max-clients must be 1..{MAX_CLIENTS_LIMIT} (a welcome lists every name "
+            "in one record)",
+        ),
         (args.rate >= 0, "--rate must be 0 (no limit) or more"),
         (
             1 <= args.max_text <= 48 * 1024,

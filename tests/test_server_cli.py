@@ -71,6 +71,7 @@ def test_environment_fallbacks_and_defaults(monkeypatch: pytest.MonkeyPatch) -> 
         ({"BCAST_PORT": "twelve"}, "--port"),
         ({"BCAST_PORT": "70000"}, "--port"),
         ({"BCAST_MAX_PENDING": "10"}, "--max-pending"),
+        ({"BCAST_MAX_CLIENTS": "9000"}, "--max-clients"),  # a welcome could not list them all
     ],
 )
 def test_bad_environment_value_is_one_sentence_and_exit_2(env: dict[str, str], words: str):
