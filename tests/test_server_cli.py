@@ -106,7 +106,13 @@ def test_fingerprint_is_printed_before_accepting(
         crypto_utils.spki_der(crypto_utils.load_or_create_server_key(key_file))
     )
     assert f"fingerprint: {fingerprint}" in lines
-    assert any(line.startswith("bcast server listening on 127.0.0.1:") for line in lines)
+    assert f"key file: {key_file}" in lines
+    listening = [line for line in lines if line.startswith("bcast server listening on ")]
+    assert len(listening) == 1
+    port = int(listening[0].rsplit(":", 1)[1])
+    assert port > 0  # port 0 asked for: the one the OS chose is shown
+    connect = f"connect with: python3 client.py --host 127.0.0.1 --port {port} --fingerprint "
+    assert connect + fingerprint in lines
 
 
 def test_shutdown_during_key_derivation_still_says_bye(
