@@ -668,7 +668,7 @@ class Server:
                     if conn.bye is None:
                         conn.bye = "shutdown"
                     self.hub.want_locked(conn)
-                elif not conn.key_read or conn.removed:
+                elif not conn.key_read or conn.keyed or conn.removed:
                     to_wake.append(conn.sock)
                 # else: its reader is deriving keys; it sees shutting_down and says bye itself
         for sock in to_wake:
