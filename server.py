@@ -1099,7 +1099,13 @@ FLAGS: list[tuple[str, Any, Any, str]] = [
         None,
         "server RSA key, created if missing (default $XDG_DATA_HOME/bcast/server_key.pem)",
     ),
-    ("max-clients", int, DEFAULT_MAX_CLIENTS, "most connections at once, joined or not"),
+    (
+        "max-clients",
+        int,
+        DEFAULT_MAX_CLIENTS,
+        f"most connections at once, joined or not (at most {MAX_CLIENTS_LIMIT}: a welcome "
+        "lists every name)",
+    ),
     ("rate", int, DEFAULT_RATE, "say/dm per second per client, also the burst; 0 = no limit"),
     ("max-text", int, DEFAULT_MAX_TEXT, "longest text in UTF-8 bytes"),
     ("idle-timeout", float, DEFAULT_IDLE_TIMEOUT_S, "seconds a joined client may stay silent"),
