@@ -490,8 +490,10 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
 def rsa_bound(key_file: Any, count: int = 200) -> dict[str, float]:
     """The server's handshake crypto alone, in this process, with the server's own code.
 
-    `rsa_decrypts_per_s`: pycryptodome RSA-3072 OAEP-SHA256 decryptions, which
-    hold the GIL, so this caps a one-process server's handshakes/s.
+    `rsa_decrypts_per_s`: pycryptodome RSA-3072 OAEP-SHA256 decryptions on one
+    thread. pycryptodome releases the GIL in its modular exponentiation (two
+    threads reach ~1.7x this), but the rest of a handshake holds it, so in
+    practice this is close to a one-process server's ceiling.
     `server_keys_per_s`: the whole of crypto_utils.server_keys (RSA + X25519 + HKDF).
     Each is the faster of two halves of `count`: a bound, so the least disturbed.
     """
