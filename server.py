@@ -319,13 +319,12 @@ class Hub:
         slow = [c for c in self.receivers if self.lag_locked(c) > max_pending]
         for conn in slow:
             self.halt_locked(conn, "slow")
-        end = self.log_end
-        low = crossing = end + self.compact_step
+        low = end = self.log_end
+        crossing = end + self.compact_step
         for c in self.receivers:
             if c.cursor is not None:
                 low = min(low, c.cursor)
                 crossing = min(crossing, c.cursor + max_pending - c.private_bytes + 1)
-        low = min(low, end)
         if low > self.base:
             del self.log[: low - self.base]
             self.base = low
@@ -822,7 +821,7 @@ class Server:
         `hello`, so its buffer has room; if not, it is closed without the bye.
         """
         assert conn.tx is not None
-        record = conn.tx.seal(b"[" + entry(protocol.bye(reason))[:-1] + b"]")
+        record = conn.tx.seal(protocol.join_record([protocol.encode_message(protocol.bye(reason))]))
         try:
             conn.sock.send(protocol.encode_frame(record), socket.MSG_DONTWAIT)
         except OSError:
