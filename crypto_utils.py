@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def wrap_secret(spki: bytes, secret: bytes, randfunc: RandomBytes | None = None)
 def unwrap_secret(key: RsaKey, ciphertext: bytes) -> bytes:
     """Server side: decrypt the wrapped secret; anything but exactly 32 bytes fails."""
     try:
-        secret = _oaep(key).decrypt(ciphertext)
+        secret = unwrapper(key)(ciphertext)
     except (ValueError, TypeError):
         raise CryptoError("the secret does not decrypt under the server key") from None
     if len(secret) != SECRET_BYTES:
@@ -186,7 +187,269 @@ def unwrap_secret(key: RsaKey, ciphertext: bytes) -> bytes:
     return secret
 
 
+Unwrap = Callable[[bytes], bytes]
+_UNWRAPPERS: dict[int, tuple[RsaKey, Unwrap]] = {}
+
+
+def unwrapper(key: RsaKey) -> Unwrap:
+    """The OAEP-SHA256 decryption of `key`: `_LeanOaep` if its self-check passes, else
+    pycryptodome's public OAEP. Made once per key (the server warms it at start)."""
+    known = _UNWRAPPERS.get(id(key))
+    if known is not None and known[0] is key:
+        return known[1]
+    standard: Unwrap = _oaep(key).decrypt
+    chosen = standard
+    try:
+        lean = _LeanOaep(key)
+        if _same_unwrap(lean.decrypt, standard, key):
+            chosen = lean.decrypt
+    except Exception:  # any missing private piece: keep the public API
+        pass
+    _UNWRAPPERS[id(key)] = (key, chosen)  # the key is kept, so its id is not reused
+    return chosen
+
+
+def _same_unwrap(lean: Unwrap, standard: Unwrap, key: RsaKey) -> bool:
+    """Whether `lean` decrypts and refuses exactly as `standard` on a few ciphertexts."""
+    public = PKCS1_OAEP.new(key.public_key(), hashAlgo=SHA256)
+    good = [public.encrypt(bytes([i]) * size) for i, size in enumerate((32, 0, 1, 33))]
+    bad = bytearray(good[0])
+    bad[len(bad) // 2] ^= 1
+    for ciphertext in (*good, bytes(bad), bytes(len(bad))):
+        outcomes = []
+        for decrypt in (lean, standard):
+            try:
+                outcomes.append(decrypt(ciphertext))
+            except (ValueError, TypeError):
+                outcomes.append(None)
+        if outcomes[0] != outcomes[1]:
+            return False
+    return True
+
+
+class _LeanOaep:
+    """RSA-OAEP-SHA256 decryption for one private key with ~15 calls into C, not ~90.
+
+    A storm of handshakes is bound by the GIL: pycryptodome's Python layers
+    around its C naturals (a new number, a check, a free for each step) cost
+    ~75 calls into C per RSA decryption, and each call releases the GIL and wakes
+    a waiting thread for nothing. Here the same constant-time C functions
+    (`Crypto.Math._IntegerNat`, private) run the same blinded CRT steps as
+    `RsaKey._decrypt_to_bytes`, on buffers made once and reused; the OAEP
+    unmasking is pycryptodome's own steps (`oaep.py`), with its constant-time
+    C check. Nothing secret goes through Python integers. `unwrapper` checks
+    this class against the public API for each key and falls back if anything
+    differs or is missing.
+    """
+
+    BLINDING_USES = 64  # as pycryptodome: a fresh r every 64 decryptions, squared between
+
+    def __init__(self, key: RsaKey):
+        from Crypto.Cipher._pkcs1_oaep_decode import oaep_decode
+        from Crypto.Math import _IntegerNat
+        from Crypto.Util.strxor import strxor
+
+        if not key.has_private():
+            raise TypeError("not a private key")
+        self._lib, self._new_nat = _IntegerNat._lib, _IntegerNat._new_nat
+        self._oaep_decode, self._strxor = oaep_decode, strxor
+        self._key = key
+        self._n_int = int(key.n)
+        self._k = (self._n_int.bit_length() + 7) // 8
+        n, p, q = key._n, key._crt_p, key._crt_q  # IntegerNat, else AttributeError: fallback
+        if not all(isinstance(x, _IntegerNat.IntegerNat) for x in (n, p, q)):
+            raise TypeError("not pycryptodome's C naturals")
+        # Keep the numbers and their Montgomery contexts alive with this object.
+        self._numbers = (n, p, q, key._crt_dp, key._crt_dq, key._crt_u)
+        self._contexts = (n._mont_ctx(), p._mont_ctx(), q._mont_ctx())
+        self._n, self._p, self._q, self._dp, self._dq, self._u = (x._p.get() for x in self._numbers)
+        self._ctx_n, self._ctx_p, self._ctx_q = (ctx.get() for ctx in self._contexts)
+        self._dp_bits, self._dq_bits = key._crt_dp._bits, key._crt_dq._bits
+        self._bits = (n._bits, p._bits, q._bits)
+        self._lhash = hashlib.sha256(b"").digest()
+        self._blinding_lock = threading.Lock()
+        self._blinding: tuple[Any, Any, int] | None = None
+        self._scratch: list[tuple[Any, ...]] = []  # buffer sets; pop/append are atomic
+
+    def _check(self, result: int, what: str) -> None:
+        if result:
+            raise ValueError(f"error {result} in {what}")
+
+    def _blinding_pair(self) -> tuple[Any, Any]:
+        """(r^e mod n, r^-1 mod n) for a secret r that changes at each call, as pycryptodome."""
+        from Crypto.Math.Numbers import Integer
+
+        with self._blinding_lock:
+            state = self._blinding
+            if state is None or state[2] == 0:
+                n = self._numbers[0]
+                r = Integer.random_range(min_inclusive=1, max_exclusive=n)
+                state = (pow(r, self._key.e, n)._p, r.inverse(n)._p, self.BLINDING_USES)
+            else:
+                squares = []
+                for old in state[:2]:
+                    new = self._new_nat(self._bits[0])
+                    self._check(
+                        self._lib.nat_mulmod_ctx(
+                            new.get(), old.get(), old.get(), self._n, self._ctx_n
+                        ),
+                        "nat_mulmod_ctx",
+                    )
+                    squares.append(new)
+                state = (squares[0], squares[1], state[2])
+            self._blinding = (state[0], state[1], state[2] - 1)
+        return state[0], state[1]
+
+    def _buffers(self) -> tuple[Any, ...]:
+        try:
+            return self._scratch.pop()
+        except IndexError:
+            n_bits, p_bits, q_bits = self._bits
+            sizes = (8 * self._k, n_bits, p_bits, q_bits, q_bits, q_bits, p_bits + q_bits)
+            return tuple(self._new_nat(bits) for bits in (*sizes, p_bits + q_bits + 1, n_bits))
+
+    def encoded_message(self, ciphertext: bytes) -> bytes:
+        """RSADP + I2OSP (RFC 8017 5.1.2): the k-byte EM of `ciphertext`, blinded CRT."""
+        from Crypto.Util._raw_api import c_size_t, create_string_buffer, get_raw_buffer
+
+        k = self._k
+        if len(ciphertext) != k or int.from_bytes(ciphertext, "big") >= self._n_int:
+            raise ValueError("ciphertext with incorrect length or out of range")
+        r_e, r_inv = self._blinding_pair()
+        buffers = self._buffers()
+        c, cp, m1, m2, h, hu, hup, mp, m = (b.get() for b in buffers)
+        lib, check = self._lib, self._check
+        check(lib.nat_from_bytes(c, ciphertext, c_size_t(k), 0), "nat_from_bytes")
+        check(lib.nat_mulmod_ctx(cp, c, r_e.get(), self._n, self._ctx_n), "blind")
+        check(
+            lib.nat_powmod_ctx(m1, cp, self._dp, c_size_t(self._dp_bits), 0, self._p, self._ctx_p),
+            "powmod p",
+        )
+        check(
+            lib.nat_powmod_ctx(m2, cp, self._dq, c_size_t(self._dq_bits), 0, self._q, self._ctx_q),
+            "powmod q",
+        )
+        check(lib.nat_submod(h, m2, m1, self._q), "nat_submod")  # (m2 - m1) mod q
+        check(lib.nat_mulmod_ctx(hu, h, self._u, self._q, self._ctx_q), "nat_mulmod_ctx")
+        check(lib.nat_mul(hup, hu, self._p), "nat_mul")
+        check(lib.nat_add(mp, hup, m1), "nat_add")  # m' = m1 + p * h, under n
+        check(lib.nat_mulmod_ctx(m, r_inv.get(), mp, self._n, self._ctx_n), "unblind")
+        out = create_string_buffer(k)
+        check(lib.nat_to_bytes(out, c_size_t(k), m, 0), "nat_to_bytes")
+        self._scratch.append(buffers)
+        return get_raw_buffer(out)
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """RSAES-OAEP-DECRYPT with SHA-256, MGF1-SHA-256 and an empty label (RFC 8017 7.1.2)."""
+        em = self.encoded_message(ciphertext)
+        h_len = len(self._lhash)
+        # Y = em[0] must be 0, but is only checked with the rest, in constant time (Manger).
+        masked_seed, masked_db = em[1 : h_len + 1], em[h_len + 1 :]
+        seed = self._strxor(masked_seed, _mgf1_sha256(masked_db, h_len))
+        db = self._strxor(masked_db, _mgf1_sha256(seed, self._k - h_len - 1))
+        start = self._oaep_decode(em, self._lhash, db)
+        if start <= 0:
+            raise ValueError("Incorrect decryption.")
+        return db[start:]
+
+
 # --- X25519 ephemeral exchange ---
+
+
+X25519Function = Callable[[bytes, bytes], bytes]
+X25519_BASE = (9).to_bytes(X25519_BYTES, "little")
+_X25519_P = 2**255 - 19
+# The u-coordinates (mod p) of the points of small order: refused as pycryptodome
+# does (http://cr.yp.to/ecdh.html#validate); the all-zero result check covers the rest.
+_X25519_SMALL_ORDER = frozenset(
+    (
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _X25519_P - 1,
+    )
+)
+
+
+def _x25519_standard(scalar: bytes, u: bytes) -> bytes:
+    """X25519(scalar, u) of RFC 7748 (both raw 32 bytes) through pycryptodome's public DH API."""
+    private = DH.import_x25519_private_key(scalar)
+    peer = DH.import_x25519_public_key(u)
+    return DH.key_agreement(eph_priv=private, eph_pub=peer, kdf=bytes)
+
+
+def _x25519_lean(scalar: bytes, u: bytes) -> bytes:
+    """The same with 4 calls into pycryptodome's C curve25519 (`_point`, private), not ~40.
+
+    The public API builds ECC key and point objects on C naturals: ~40 calls into
+    C per operation, each of which lets go of the GIL (see `_LeanOaep`).
+    `_select_x25519` checks this against `_x25519_standard` at import.
+    """
+    from Crypto.Util._raw_api import (
+        SmartPointer,
+        VoidPointer,
+        c_size_t,
+        c_ulonglong,
+        create_string_buffer,
+        get_raw_buffer,
+        null_pointer,
+    )
+
+    if len(scalar) != X25519_BYTES or len(u) != X25519_BYTES:
+        raise ValueError("X25519 scalars and points are 32 bytes")
+    u_value = int.from_bytes(u, "little") & ((1 << 255) - 1)  # RFC 7748 5: mask bit 255
+    if u_value % _X25519_P in _X25519_SMALL_ORDER:
+        raise ValueError("Invalid Curve25519 public key")
+    clamped = bytearray(scalar)
+    clamped[0] &= 0xF8
+    clamped[31] = (clamped[31] & 0x7F) | 0x40
+    lib = _CURVE25519.rawlib
+    raw = VoidPointer()
+    size = c_size_t(X25519_BYTES)
+    if lib.new_point(raw.address_of(), u_value.to_bytes(X25519_BYTES, "big"), size, null_pointer):
+        raise ValueError("Invalid Curve25519 public key")
+    point = SmartPointer(raw.get(), lib.free_point)
+    blind = c_ulonglong(int.from_bytes(os.urandom(8), "little"))  # the ladder's randomisation
+    if lib.scalar(point.get(), bytes(reversed(clamped)), size, blind):
+        raise ValueError("X25519 scalar multiplication failed")
+    x = create_string_buffer(X25519_BYTES)
+    if lib.get_x(x, size, point.get()):
+        raise ValueError("Invalid ECDH point")  # the point at infinity
+    return get_raw_buffer(x)[::-1]
+
+
+# RFC 7748 5.2, the first test vector.
+_X25519_VECTOR = (
+    bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
+    bytes.fromhex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"),
+    bytes.fromhex("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"),
+)
+
+
+def _select_x25519() -> X25519Function:
+    """`_x25519_lean` if it matches the RFC 7748 vector and `_x25519_standard`, else the latter."""
+    global _CURVE25519
+    try:
+        from Crypto.PublicKey._point import _curves
+
+        _CURVE25519 = _curves["Curve25519"]
+        scalar, u, expected = _X25519_VECTOR
+        if _x25519_lean(scalar, u) != expected or _x25519_standard(scalar, u) != expected:
+            return _x25519_standard
+        if _x25519_lean(scalar, X25519_BASE) != _x25519_standard(scalar, X25519_BASE):
+            return _x25519_standard
+        try:
+            _x25519_lean(scalar, bytes(X25519_BYTES))
+        except ValueError:
+            return _x25519_lean
+    except Exception:  # any missing private piece: use the public API
+        pass
+    return _x25519_standard
+
+
+_CURVE25519: Any = None
+X25519_IMPL: X25519Function = _select_x25519()
 
 
 class Ephemeral:
@@ -198,8 +461,10 @@ class Ephemeral:
 
     def __init__(self, private: bytes | None = None, randfunc: RandomBytes = random_bytes):
         seed = private if private is not None else randfunc(X25519_BYTES)
-        self._private = DH.import_x25519_private_key(seed)
-        self.public: bytes = self._private.public_key().export_key(format="raw")
+        if len(seed) != X25519_BYTES:
+            raise CryptoError(f"an X25519 private key is {X25519_BYTES} bytes, not {len(seed)}")
+        self._private: bytes | None = seed
+        self.public: bytes = X25519_IMPL(seed, X25519_BASE)
 
     def exchange(self, peer_public: bytes) -> bytes:
         """X25519(own private, peer public); refuses low-order points (all-zero result)."""
@@ -211,8 +476,7 @@ class Ephemeral:
                 f"an X25519 public key is {X25519_BYTES} bytes, not {len(peer_public)}"
             )
         try:
-            peer = DH.import_x25519_public_key(peer_public)
-            shared = DH.key_agreement(eph_priv=private, eph_pub=peer, kdf=bytes)
+            shared = X25519_IMPL(private, peer_public)
         except (ValueError, TypeError):
             raise CryptoError("the peer's X25519 key is a low-order point") from None
         if not any(shared):

@@ -608,6 +608,7 @@ class Server:
         )
         self.spki = crypto_utils.spki_der(self.key)
         self.fingerprint = crypto_utils.fingerprint(self.spki)
+        crypto_utils.unwrapper(self.key)  # its self-check runs now, not in the first handshake
         self.hub = Hub(settings)
         self.listener: socket.socket | None = None
         self.address: tuple[str, int] = (settings.host, settings.port)

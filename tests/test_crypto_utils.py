@@ -295,6 +295,80 @@ def test_unwrap_refuses_tampered(rsa_key: RsaKey, spki: bytes):
         c.unwrap_secret(rsa_key, bytes(wrapped))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([32, 0, 1, 31, 33, 190]),
+    garbage=st.binary(min_size=256, max_size=256),
+    flip=st.integers(0, 256 * 8 - 1),
+)
+def test_lean_oaep_equals_public_oaep(rsa_key: RsaKey, size: int, garbage: bytes, flip: int):
+    """§2: the lean OAEP decryption gives what pycryptodome's public OAEP gives, or both refuse."""
+    lean, public = c._LeanOaep(rsa_key), PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256)
+    good = oaep_sha256(rsa_key).encrypt(os.urandom(size))
+    assert lean.decrypt(good) == public.decrypt(good)
+    tampered = bytearray(good)
+    tampered[flip // 8] ^= 1 << (flip % 8)
+    for ciphertext in (bytes(tampered), garbage):
+        outcomes = []
+        for decrypt in (lean.decrypt, public.decrypt):
+            try:
+                outcomes.append(decrypt(ciphertext))
+            except ValueError:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1]
+
+
+def test_lean_oaep_blinding_renews(monkeypatch, rsa_key: RsaKey, spki: bytes):
+    """The lean path squares its blinding pair between fresh ones (a fresh r every
+    BLINDING_USES decryptions, as pycryptodome) and decrypts right with both kinds."""
+    from Crypto.Math.Numbers import Integer
+
+    fresh = []
+    draw = Integer.random_range
+
+    def spy(**kwargs):
+        fresh.append(kwargs)
+        return draw(**kwargs)
+
+    monkeypatch.setattr(Integer, "random_range", spy)
+    lean = c._LeanOaep(rsa_key)
+    for i in range(2 * lean.BLINDING_USES + 1):
+        secret = i.to_bytes(32, "big")
+        assert lean.decrypt(c.wrap_secret(spki, secret)) == secret
+    assert len(fresh) == 3  # at the 1st, the 65th and the 129th decryption
+
+
+def test_lean_oaep_refuses_wrong_sizes_and_out_of_range(rsa_key: RsaKey):
+    """RFC 8017 7.1.2 step 1 and RSADP's range check, as in the public API."""
+    lean = c._LeanOaep(rsa_key)
+    for ciphertext in (bytes(255), bytes(257), int(rsa_key.n).to_bytes(256, "big"), b"\xff" * 256):
+        with pytest.raises(ValueError):
+            lean.decrypt(ciphertext)
+
+
+def test_unwrapper_uses_the_lean_oaep_on_this_install(rsa_key: RsaKey):
+    """The per-key self-check chose the lean path here (else a storm of joins is ~25% slower)."""
+    chosen = c.unwrapper(rsa_key)
+    assert isinstance(getattr(chosen, "__self__", None), c._LeanOaep)
+    assert c.unwrapper(rsa_key) is chosen  # made once per key
+
+
+def test_unwrapper_falls_back_when_the_lean_path_differs(monkeypatch, small_key: RsaKey):
+    """A lean path that decrypts differently (or cannot be built) is never used."""
+    monkeypatch.setattr(c._LeanOaep, "decrypt", lambda self, ciphertext: bytes(32))
+    wrong = RSA.import_key(small_key.export_key())
+    assert not isinstance(getattr(c.unwrapper(wrong), "__self__", None), c._LeanOaep)
+    secret = os.urandom(32)
+    assert c.unwrap_secret(wrong, oaep_sha256(wrong).encrypt(secret)) == secret
+
+    def broken(self, key):
+        raise AttributeError("_crt_p")
+
+    monkeypatch.setattr(c._LeanOaep, "__init__", broken)
+    missing = RSA.import_key(small_key.export_key())
+    assert c.unwrap_secret(missing, oaep_sha256(missing).encrypt(secret)) == secret
+
+
 @pytest.mark.parametrize("size", [0, 31, 33])
 def test_wrap_refuses_wrong_secret_size(spki: bytes, size: int):
     """§2: the wrapped secret is exactly 32 bytes."""
@@ -361,6 +435,44 @@ def test_ephemeral_refuses_low_order_points(point: bytes):
     """§2: an X25519 result of all zeros (a low-order point) is refused."""
     with pytest.raises(CryptoError):
         c.Ephemeral().exchange(point)
+
+
+@pytest.mark.parametrize("impl", [c._x25519_lean, c._x25519_standard], ids=["lean", "standard"])
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS, ids=lambda b: b.hex()[:8])
+def test_x25519_implementations_refuse_low_order_points(impl, point: bytes):
+    """Both X25519 paths refuse the small-order points themselves (ValueError)."""
+    with pytest.raises(ValueError):
+        impl(os.urandom(32), point)
+
+
+NON_CANONICAL_NINE = (2**255 - 19 + 9).to_bytes(32, "little")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scalar=st.binary(min_size=32, max_size=32),
+    u=st.one_of(
+        st.binary(min_size=32, max_size=32),
+        st.sampled_from([c.X25519_BASE, NON_CANONICAL_NINE, b"\xff" * 32]),
+    ),
+)
+def test_x25519_lean_equals_standard_and_cryptography(scalar: bytes, u: bytes):
+    """RFC 7748: the lean X25519 equals pycryptodome's public DH and `cryptography`'s."""
+    outcomes = []
+    for impl in (c._x25519_lean, c._x25519_standard):
+        try:
+            outcomes.append(impl(scalar, u))
+        except ValueError:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1]
+    if outcomes[0] is not None and any(outcomes[0]):
+        theirs = X25519PrivateKey.from_private_bytes(scalar)
+        assert outcomes[0] == theirs.exchange(X25519PublicKey.from_public_bytes(u))
+
+
+def test_x25519_uses_the_lean_path_on_this_install():
+    """The import-time self-check chose the lean X25519 here."""
+    assert c.X25519_IMPL is c._x25519_lean
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 64])
