@@ -234,13 +234,12 @@ class _LeanOaep:
     a free for each step) cost ~75 calls into C per RSA decryption. Each call
     releases the GIL, and in a storm of handshakes each release wakes a waiting
     thread for nothing (futex alone was 12 % of the server's time). Here the
-    same constant-time C functions
-    (`Crypto.Math._IntegerNat`, private) run the same blinded CRT steps as
-    `RsaKey._decrypt_to_bytes`, on buffers made once and reused; the OAEP
-    unmasking is pycryptodome's own steps (`oaep.py`), with its constant-time
-    C check. Nothing secret goes through Python integers. `unwrapper` checks
-    this class against the public API for each key and falls back if anything
-    differs or is missing.
+    same constant-time C functions (`Crypto.Math._IntegerNat`, private) run the
+    same blinded CRT steps as `RsaKey._decrypt_to_bytes`, on buffers made once
+    and reused; the OAEP unmasking is pycryptodome's own steps (`oaep.py`),
+    with its constant-time C check. Nothing secret goes through Python
+    integers. `unwrapper` checks this class against the public API for each
+    key and falls back if anything differs or is missing.
     """
 
     BLINDING_USES = 32  # as pycryptodome: a fresh r every 32 decryptions, squared between
