@@ -6,6 +6,8 @@ type, `CryptoError`, whose message says what went wrong (never key material).
 Thread safety: a `RecordCipher` owns a counter; it must be used by one thread
 at a time. The server gives each direction of each connection its own
 instance, and only the connection's writer seals, only its reader opens.
+`unwrap_secret` may run in many threads at once: the per-key `_LeanOaep`
+guards its blinding state with a lock and hands each call its own buffers.
 """
 
 from __future__ import annotations
