@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,29 @@ def test_lean_oaep_blinding_renews(monkeypatch, rsa_key: RsaKey, spki: bytes):
         secret = i.to_bytes(32, "big")
         assert lean.decrypt(c.wrap_secret(spki, secret)) == secret
     assert len(fresh) == 3  # at the 1st, the 33rd and the 65th decryption
+
+
+def test_lean_oaep_from_many_threads_at_once(rsa_key: RsaKey, spki: bytes):
+    """The server unwraps in every reader thread: shared blinding and buffers stay right."""
+    lean = c._LeanOaep(rsa_key)
+    jobs = [(i.to_bytes(32, "big"), c.wrap_secret(spki, i.to_bytes(32, "big"))) for i in range(96)]
+    wrong: list[int] = []
+
+    def work(start: int) -> None:
+        for secret, wrapped in jobs[start::8]:
+            try:
+                if lean.decrypt(wrapped) != secret:
+                    wrong.append(start)
+            except ValueError:  # what mixed-up buffers give, mostly
+                wrong.append(start)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    assert 1 <= len(lean._scratch) <= 8  # buffer sets were reused, one per concurrent call
 
 
 def test_lean_oaep_refuses_wrong_sizes_and_out_of_range(rsa_key: RsaKey):
