@@ -739,3 +739,19 @@ def client_keys(
         secret, dh, server_nonce, client_nonce, server_spki, server_eph, client_eph
     )
     return client_nonce, wrapped, client_eph, k_c2s, k_s2c
+
+
+# --- which fast paths this install uses ---
+
+
+def slow_paths(key: RsaKey) -> list[str]:
+    """The fast paths whose self-check failed on this install (so the public API
+    serves instead, correct but slower): for the server to say so at start."""
+    slow = []
+    if GCM_IMPL is not _Gcm:
+        slow.append("AES-GCM records")
+    if X25519_IMPL is not _x25519_lean:
+        slow.append("X25519")
+    if not isinstance(getattr(unwrapper(key), "__self__", None), _LeanOaep):
+        slow.append("RSA-OAEP")
+    return slow

@@ -608,7 +608,13 @@ class Server:
         )
         self.spki = crypto_utils.spki_der(self.key)
         self.fingerprint = crypto_utils.fingerprint(self.spki)
-        crypto_utils.unwrapper(self.key)  # its self-check runs now, not in the first handshake
+        slow = crypto_utils.slow_paths(self.key)  # runs the RSA self-check now, not in a handshake
+        if slow:
+            log.warning(
+                "this pycryptodome fails the self-check of the fast %s code; using its "
+                "public API instead (correct, but handshakes or records cost more CPU)",
+                " and ".join(slow),
+            )
         self.hub = Hub(settings)
         self.listener: socket.socket | None = None
         self.address: tuple[str, int] = (settings.host, settings.port)

@@ -3,6 +3,7 @@ shutdown `bye` owed to a connection caught in the middle of its handshake."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -198,3 +199,41 @@ def test_open_file_limit_raised_and_shortfall_reported(
         assert len(warnings) == 1 and f"--max-clients {max_clients}" in warnings[0]
     else:
         assert warnings == []
+
+
+def test_no_warning_when_every_fast_path_is_in_use(
+    run_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On this install every fast path passes its self-check: the server says nothing of it."""
+    caplog.set_level(logging.WARNING, logger="bcast.server")
+    with run_server():
+        pass
+    assert not [r for r in caplog.records if "self-check" in r.getMessage()]
+
+
+def test_warns_once_at_start_when_a_fast_path_falls_back(
+    run_server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pycryptodome whose private pieces changed still works, and the operator is told."""
+    caplog.set_level(logging.WARNING, logger="bcast.server")
+    monkeypatch.setattr(crypto_utils, "X25519_IMPL", crypto_utils._x25519_standard)
+    monkeypatch.setattr(crypto_utils, "GCM_IMPL", crypto_utils._StandardGcm)
+    with run_server() as srv, RefPeer.connect(*srv.address, timeout=WAIT_S) as peer:
+        assert peer.join("slowpath")["type"] == "welcome"
+        peer.send({"type": "ping", "id": 7})
+        assert peer.recv(WAIT_S) == {"type": "pong", "id": 7}
+    warnings = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert warnings == [
+        "this pycryptodome fails the self-check of the fast AES-GCM records and X25519 "
+        "code; using its public API instead (correct, but handshakes or records cost "
+        "more CPU)"
+    ]
+
+
+def test_slow_paths_names_each_fallback(server_key, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert crypto_utils.slow_paths(server_key) == []
+    monkeypatch.setattr(crypto_utils, "GCM_IMPL", crypto_utils._StandardGcm)
+    assert crypto_utils.slow_paths(server_key) == ["AES-GCM records"]
+    monkeypatch.setattr(crypto_utils, "_UNWRAPPERS", {})
+    monkeypatch.setattr(crypto_utils._LeanOaep, "decrypt", lambda self, ciphertext: b"")
+    assert crypto_utils.slow_paths(server_key) == ["AES-GCM records", "RSA-OAEP"]
