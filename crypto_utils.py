@@ -245,6 +245,7 @@ class _LeanOaep:
     """
 
     BLINDING_USES = 32  # as pycryptodome: a fresh r every 32 decryptions, squared between
+    SCRATCH_KEPT = 16  # buffer sets kept for reuse (~3 KiB each for RSA-3072)
 
     def __init__(self, key: RsaKey):
         from Crypto.Cipher._pkcs1_oaep_decode import oaep_decode
@@ -337,7 +338,8 @@ class _LeanOaep:
         check(lib.nat_mulmod_ctx(m, r_inv.get(), mp, self._n, self._ctx_n), "unblind")
         out = create_string_buffer(k)
         check(lib.nat_to_bytes(out, c_size_t(k), m, 0), "nat_to_bytes")
-        self._scratch.append(buffers)
+        if len(self._scratch) < self.SCRATCH_KEPT:  # a spike's extra sets are freed
+            self._scratch.append(buffers)
         return get_raw_buffer(out)
 
     def decrypt(self, ciphertext: bytes) -> bytes:
