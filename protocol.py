@@ -608,6 +608,55 @@ def bye(reason: str) -> dict[str, Any]:
     return {"type": "bye", "reason": reason}
 
 
+# The same server messages as bytes, for the server's hot paths: it builds them
+# under its lock, or once per message for every recipient, so they skip the dict
+# and the JSON encoder, and take names and texts already encoded (`json_string`).
+# Each equals `encode_message` of its builder above (tests/test_protocol.py).
+
+
+def json_string(text: str) -> bytes:
+    """A string as `encode_message` writes it: JSON, UTF-8, non-ASCII kept as is."""
+    return json.dumps(text, ensure_ascii=False).encode("utf-8")
+
+
+def encode_welcome(name: bytes, users: list[bytes], max_text: int, rate: int) -> bytes:
+    """`welcome`; `users` already in JSON and in order (the builder sorts, this does not)."""
+    return b'{"type":"welcome","name":%s,"users":[%s],"max_text":%d,"rate":%d}' % (
+        name,
+        b",".join(users),
+        max_text,
+        rate,
+    )
+
+
+def encode_message_parts(sender: bytes, text: bytes, ts: int) -> tuple[bytes, bytes]:
+    """`message` around its id: the id is given under the server's lock, the rest is not."""
+    return b'{"type":"message","id":', b',"from":%s,"text":%s,"ts":%d}' % (sender, text, ts)
+
+
+def encode_direct(msg_id: int, sender: bytes, to: bytes, text: bytes, ts: int) -> bytes:
+    return b'{"type":"dm","id":%d,"from":%s,"to":%s,"text":%s,"ts":%d}' % (
+        msg_id,
+        sender,
+        to,
+        text,
+        ts,
+    )
+
+
+def encode_joined(name: bytes) -> bytes:
+    return b'{"type":"joined","name":%s}' % name
+
+
+def encode_left(name: bytes, reason: str) -> bytes:
+    return b'{"type":"left","name":%s,"reason":%s}' % (name, json_string(reason))
+
+
+def encode_users(names: list[bytes]) -> bytes:
+    """`users`; `names` already in JSON and in order (the builder sorts, this does not)."""
+    return b'{"type":"users","names":[%s]}' % b",".join(names)
+
+
 class _Fields:
     """Typed access to a server message's fields; a wrong one is ByeProtocol."""
 

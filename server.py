@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import logging
 import os
 import select
@@ -344,10 +343,7 @@ class Hub:
             self.names.remove(conn.name_json)
             conn.final_end = self.log_end
             if not self.shutting_down:
-                left = b'{"type":"left","name":%s,"reason":"%s"},' % (
-                    conn.name_json,
-                    reason.encode(),
-                )
+                left = protocol.encode_left(conn.name_json, reason) + b","
                 self._append_locked(left, urgent=False)
         self.want_locked(conn)
         return True
@@ -868,7 +864,7 @@ class Server:
                 self._reply(conn, protocol.pong(msg.id))
             elif isinstance(msg, protocol.Who):
                 with self.hub:
-                    users = b'{"type":"users","names":[%s]},' % b",".join(self.hub.names)
+                    users = protocol.encode_users(self.hub.names) + b","
                 self._push_reply(conn, users)
             else:
                 self._leave(conn)
@@ -900,24 +896,23 @@ class Server:
 
     def _join(self, conn: Conn, msg: protocol.Join) -> None:
         key = protocol.name_key(msg.name)
-        name_json = json.dumps(msg.name, ensure_ascii=False).encode()
-        joined = b'{"type":"joined","name":%s},' % name_json
-        welcome_head = b'{"type":"welcome","name":%s,"users":[' % name_json
-        welcome_tail = b'],"max_text":%d,"rate":%d},' % (self.settings.max_text, self.settings.rate)
+        name_json = protocol.json_string(msg.name)
+        joined = protocol.encode_joined(name_json) + b","
+        max_text, rate = self.settings.max_text, self.settings.rate
         now = time.monotonic()
         with self.hub:
             if key in self.hub.joined:
                 taken = True
             else:
                 taken = False
-                welcome = welcome_head + b",".join(self.hub.names) + welcome_tail
+                welcome = protocol.encode_welcome(name_json, self.hub.names, max_text, rate)
                 self.hub._append_locked(joined, urgent=False)
                 self.hub.joined[key] = conn
                 bisect.insort(self.hub.names, name_json)
                 conn.name, conn.name_json = msg.name, name_json
                 conn.cursor = self.hub.log_end
                 conn.bucket = Bucket(self.settings.rate, now)
-                self.hub.push_private_locked(conn, welcome)
+                self.hub.push_private_locked(conn, welcome + b",")
         if taken:
             raise Refused("name_taken", f"the name {msg.name} is taken")
         log.info("%s joined as %r", conn.peer, msg.name)
@@ -935,7 +930,7 @@ class Server:
                 limited = False
                 msg_id = self.hub.next_id
                 self.hub.next_id += 1
-                span = self.hub._append_locked(b"%s%d%s" % (head, msg_id, tail))
+                span = self.hub._append_locked(b"%s%d%s," % (head, msg_id, tail))
                 conn.own.append(span)
                 conn.own_bytes += span[1] - span[0]
                 slow = self.hub.compact_locked()
@@ -944,8 +939,7 @@ class Server:
         self._wake_slow(slow)
 
     def _dm(self, conn: Conn, msg: protocol.Dm) -> None:
-        text = json.dumps(msg.text, ensure_ascii=False).encode()
-        sender = json.dumps(conn.name, ensure_ascii=False).encode()
+        text = protocol.json_string(msg.text)
         ts = int(time.time() * 1000)
         now = time.monotonic()
         overflow = False
@@ -961,15 +955,8 @@ class Server:
                 problem = None
                 msg_id = self.hub.next_id
                 self.hub.next_id += 1
-                to = json.dumps(target.name, ensure_ascii=False).encode()
-                data = b'{"type":"dm","id":%d,"from":%s,"to":%s,"text":%s,"ts":%d},' % (
-                    msg_id,
-                    sender,
-                    to,
-                    text,
-                    ts,
-                )
-                self.hub.push_private_locked(target, data)
+                data = protocol.encode_direct(msg_id, conn.name_json, target.name_json, text, ts)
+                self.hub.push_private_locked(target, data + b",")
                 if self.hub.lag_locked(target) > self.settings.max_pending:
                     overflow = self.hub.halt_locked(target, "slow")
         if problem == "unknown_user":
@@ -982,12 +969,8 @@ class Server:
     @staticmethod
     def _message_parts(conn: Conn, text: str) -> tuple[bytes, bytes]:
         """The bytes of a `message` around its id, encoded outside the lock."""
-        sender = json.dumps(conn.name, ensure_ascii=False).encode()
-        body = json.dumps(text, ensure_ascii=False).encode()
         ts = int(time.time() * 1000)
-        head = b'{"type":"message","id":'
-        tail = b',"from":%s,"text":%s,"ts":%d},' % (sender, body, ts)
-        return head, tail
+        return protocol.encode_message_parts(conn.name_json, protocol.json_string(text), ts)
 
     def _leave(self, conn: Conn) -> None:
         with self.hub:

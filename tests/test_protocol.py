@@ -1004,3 +1004,33 @@ def test_client_messages_round_trip_through_a_record(msgs: list[p.ClientMessage]
         p.message_type(obj)
         decoded.append(p.parse_client_message(obj))
     assert decoded == msgs
+
+
+# --- the server's byte builders equal the dict builders, byte for byte ---
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_names = st.lists(_texts, max_size=6, unique=True)
+_ints = st.integers(0, 2**53)
+
+
+@settings(max_examples=200)
+@given(name=_texts, others=_names, text=_texts, to=_texts, msg_id=_ints, ts=_ints)
+def test_byte_builders_equal_encode_message_of_the_dict_builders(
+    name: str, others: list[str], text: str, to: str, msg_id: int, ts: int
+) -> None:
+    """The server writes these messages with the byte builders: any drift from the
+    dict builders (field order, spacing, escaping) fails here."""
+    js = p.json_string
+    ordered = sorted(others)  # the server keeps its list in this order
+    assert p.encode_welcome(js(name), [js(n) for n in ordered], 4096, 10) == p.encode_message(
+        p.welcome(name, others, 4096, 10)
+    )
+    head, tail = p.encode_message_parts(js(name), js(text), ts)
+    assert b"%s%d%s" % (head, msg_id, tail) == p.encode_message(p.message(msg_id, name, text, ts))
+    assert p.encode_direct(msg_id, js(name), js(to), js(text), ts) == p.encode_message(
+        p.direct(msg_id, name, to, text, ts)
+    )
+    assert p.encode_joined(js(name)) == p.encode_message(p.joined(name))
+    for reason in ("leave", "disconnect", "timeout", "protocol", "slow"):
+        assert p.encode_left(js(name), reason) == p.encode_message(p.left(name, reason))
+    assert p.encode_users([js(n) for n in ordered]) == p.encode_message(p.users(others))
