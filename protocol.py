@@ -34,6 +34,8 @@ NONCE_BYTES = 32
 EPH_BYTES = 32
 DEFAULT_MAX_TEXT = 16_384  # §4 text: UTF-8 bytes
 MAX_NAME_CHARS = 32
+# §3 (revision 2): a record from a client holds at most 64 messages; the server's are unlimited.
+MAX_CLIENT_RECORD_MESSAGES = 64
 
 CLIENT_TYPES = ("join", "say", "dm", "who", "ping", "leave")
 LEAVE_REASONS = ("leave", "disconnect", "timeout", "slow", "protocol")
@@ -293,14 +295,23 @@ def parse_handshake_error(body: bytes) -> Error | None:
 # --- §3 record plaintexts ---
 
 
-def decode_record(plaintext: bytes) -> list[dict[str, Any]]:
-    """A record's plaintext as its list of message objects, or ByeProtocol (§3)."""
+def decode_record(
+    plaintext: bytes, max_messages: int | None = MAX_CLIENT_RECORD_MESSAGES
+) -> list[dict[str, Any]]:
+    """A record's plaintext as its list of message objects, or ByeProtocol (§3).
+
+    The default is the server's use: a client record holds at most 64
+    messages. The client reads the server's batches with `max_messages=None`
+    (they are not limited).
+    """
     try:
         items = loads_json(plaintext)
     except (ValueError, RecursionError):
         raise ByeProtocol("record is not UTF-8 JSON") from None
     if not isinstance(items, list) or not items:
         raise ByeProtocol("record is not a non-empty JSON array")
+    if max_messages is not None and len(items) > max_messages:
+        raise ByeProtocol(f"record of {len(items)} messages exceeds the limit of {max_messages}")
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise ByeProtocol("record holds an element that is not an object with a string type")
@@ -320,24 +331,74 @@ def join_record(encoded: list[bytes]) -> bytes:
 # --- §4 names and text ---
 
 
-def valid_name(raw: str) -> str | None:
-    """The normative name predicate of §4: the name to use, or None."""
+# §4: scripts that may share one name (kanji with kana, hanja with hangul).
+JAPANESE = frozenset({"CJK", "IDEOGRAPHIC", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA"})
+KOREAN = frozenset({"CJK", "IDEOGRAPHIC", "HANGUL"})
+MAX_NAME_MARKS = 3  # §4: more combining marks in a row than this is a pile, refused
+
+
+def _check_name(raw: str) -> tuple[str, str | None]:
+    """The normative name predicate of §4, step by step: (NFKC name, why refused or None).
+
+    One function serves `valid_name` and `name_problem`, so they cannot disagree.
+    """
     name = unicodedata.normalize("NFKC", raw)
-    if not 1 <= len(name) <= MAX_NAME_CHARS:
-        return None
+    if not name:
+        return name, "is empty"
+    if len(name) > MAX_NAME_CHARS:
+        return name, f"has {len(name)} characters ({MAX_NAME_CHARS} characters at most)"
     if not (name[0].isalpha() or unicodedata.category(name[0]) == "Nd"):
-        return None
-    scripts = set()
+        return name, "must start with a letter or digit"
+    scripts: dict[str, None] = {}  # ordered: the problem names them as they appear
+    marks = 0
     for ch in name:
         cat = unicodedata.category(ch)
+        marks = marks + 1 if cat[0] == "M" else 0
+        if marks > MAX_NAME_MARKS:
+            return name, f"has more than {MAX_NAME_MARKS} combining marks in a row"
         if ch in "_-." or cat == "Nd" or cat[0] == "M":
             continue
         if cat[0] != "L":
-            return None
-        script = unicodedata.name(ch, "").split(" ")[0]
-        if script in ("LATIN", "CYRILLIC", "GREEK"):
-            scripts.add(script)
-    return name if len(scripts) <= 1 else None
+            return name, f"contains the character {_shown_char(ch)}"
+        words = unicodedata.name(ch, "").split(" ")
+        if "FILLER" in words:
+            return name, "contains a blank-looking Hangul filler"
+        scripts[words[0]] = None
+    if len(scripts) <= 1 or scripts.keys() <= JAPANESE or scripts.keys() <= KOREAN:
+        return name, None
+    return name, f"mixes {_and_list([_script_title(s) for s in scripts])} letters"
+
+
+def _shown_char(ch: str) -> str:
+    """'!' (U+0021) for a visible character; U+200B ZERO WIDTH SPACE for one that is not."""
+    code = f"U+{ord(ch):04X}"
+    if ch.isprintable() and not ch.isspace():
+        return f"{ch!r} ({code})"
+    label = unicodedata.name(ch, "")  # ASCII; controls and surrogates have none
+    return f"{code} {label}" if label else code
+
+
+def _script_title(word: str) -> str:
+    return "CJK" if word == "CJK" else (word.title() or "unnamed")
+
+
+def _and_list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def valid_name(raw: str) -> str | None:
+    """The normative name predicate of §4: the name to use (NFKC), or None."""
+    name, problem = _check_name(raw)
+    return None if problem else name
+
+
+def name_problem(raw: str) -> str | None:
+    """Why §4 refuses `raw` as a name, in plain English, or None when it is valid.
+
+    The reason reads after "the name " ("the name mixes Latin and Cyrillic
+    letters"); it never repeats an invisible character or a lone surrogate.
+    """
+    return _check_name(raw)[1]
 
 
 def name_key(raw: str) -> str:
@@ -457,13 +518,9 @@ def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) 
         return Dm(to=to, text=text)
     if kind == "join":
         raw = _string_field(obj, "name", kind)
-        name = None if has_lone_surrogate(raw) else valid_name(raw)
-        if name is None:
-            raise Refused(
-                "invalid_name",
-                "a name is 1-32 letters, digits, marks or _-. starting with a letter or digit, "
-                "in one of Latin, Cyrillic or Greek at most",
-            )
+        name, problem = _check_name(raw)
+        if problem:
+            raise Refused("invalid_name", f"the name {problem}")
         return Join(name)
     if kind == "ping":
         ping_id = obj.get("id")

@@ -452,6 +452,24 @@ def test_decode_record_refuses(case: str):
         p.decode_record(BAD_RECORDS[case])
 
 
+def test_client_record_holds_at_most_64_messages():
+    """§3 (rev. 2): a client record of 64 messages decodes; of 65 it is ByeProtocol, whole."""
+    assert p.MAX_CLIENT_RECORD_MESSAGES == 64
+    assert len(p.decode_record(record(*[{"type": "who"}] * 64))) == 64
+    with pytest.raises(ByeProtocol, match="65 messages"):
+        p.decode_record(record(*[{"type": "ping"}] * 65))
+    with pytest.raises(ByeProtocol):
+        p.decode_record(record(*[{"type": "say", "text": "x"}] * 1000))
+
+
+def test_server_records_are_not_limited_on_the_client():
+    """§3 (rev. 2): the server's batches to a client are not limited (max_messages=None)."""
+    objs = [{"type": "message", "id": i, "from": "a", "text": "t", "ts": 1} for i in range(500)]
+    assert p.decode_record(record(*objs), max_messages=None) == objs
+    with pytest.raises(ByeProtocol):
+        p.decode_record(b"[]", max_messages=None)  # the other checks still apply
+
+
 def test_join_record_makes_an_array():
     """§3: several encoded messages batched into one record decode in order."""
     parts = [p.encode_message({"type": "who"}), p.encode_message({"type": "ping", "id": 3})]
@@ -625,9 +643,9 @@ def test_ping_id_out_of_float_range_can_be_echoed():
     assert json.loads(echoed)["type"] == "pong"
 
 
-@pytest.mark.parametrize("kind", ["join", "say", "dm", "who", "ping", "leave"])
+@pytest.mark.parametrize("kind", p.CLIENT_TYPES)
 def test_message_type_known(kind: str):
-    """§4: the six client types are known."""
+    """§4, §5: every client type is known."""
     assert p.message_type({"type": kind}) == kind
 
 
@@ -635,23 +653,33 @@ def test_message_type_known(kind: str):
 
 
 def spec_valid_name(raw: str) -> str | None:
-    """Verbatim copy of the normative predicate of PROTOCOL.md §4."""
+    """Verbatim copy of the normative predicate of PROTOCOL.md §4 (revision 2)."""
     name = unicodedata.normalize("NFKC", raw)
     if not 1 <= len(name) <= 32:
         return None
     if not (name[0].isalpha() or unicodedata.category(name[0]) == "Nd"):
         return None
-    scripts = set()
+    scripts, marks = set(), 0
     for ch in name:
         cat = unicodedata.category(ch)
+        marks = marks + 1 if cat[0] == "M" else 0
+        if marks > 3:  # no pile of combining marks
+            return None
         if ch in "_-." or cat == "Nd" or cat[0] == "M":
             continue
         if cat[0] != "L":
             return None
-        script = unicodedata.name(ch, "").split(" ")[0]
-        if script in ("LATIN", "CYRILLIC", "GREEK"):
-            scripts.add(script)
-    return name if len(scripts) <= 1 else None
+        words = unicodedata.name(ch, "").split(" ")
+        if "FILLER" in words:  # Hangul fillers look blank
+            return None
+        scripts.add(words[0])
+    if len(scripts) <= 1 or scripts <= SPEC_JAPANESE or scripts <= SPEC_KOREAN:
+        return name
+    return None
+
+
+SPEC_JAPANESE = {"CJK", "IDEOGRAPHIC", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA"}
+SPEC_KOREAN = {"CJK", "IDEOGRAPHIC", "HANGUL"}
 
 
 @pytest.mark.parametrize(
@@ -671,13 +699,22 @@ def spec_valid_name(raw: str) -> str | None:
         ("a_b-c.d", "a_b-c.d"),
         ("a" * 32, "a" * 32),
         ("e\u0301" * 17, "é" * 17),  # 34 code points raw, 17 after NFKC
-        ("alice太郎", "alice太郎"),  # one of Latin/Cyrillic/Greek, plus another script
+        ("やまだ太郎", "やまだ太郎"),  # Japanese: hiragana with kanji
+        ("김민준", "김민준"),
+        ("佐々木", "佐々木"),  # 々 is IDEOGRAPHIC ITERATION MARK
+        ("ルーク", "ルーク"),  # ー is KATAKANA-HIRAGANA PROLONGED SOUND MARK
+        ("ｶﾀｶﾅ", "カタカナ"),  # halfwidth katakana, NFKC to fullwidth
+        ("金김", "金김"),  # Korean: hanja with hangul
+        ("x\u0301\u0302\u0303", "x\u0301\u0302\u0303"),  # three marks in a row: fine
+        ("a\u0301b\u0302\u0303\u0304", "áb\u0302\u0303\u0304"),  # runs reset at a letter
     ],
 )
 def test_valid_names(raw: str, expected: str):
     """§4 name: valid names normalise (NFKC) to the name the server uses."""
     assert p.valid_name(raw) == expected
     assert p.valid_name(expected) == expected
+    assert p.name_problem(raw) is None
+    assert p.parse_client_message({"type": "join", "name": raw}) == p.Join(expected)
 
 
 def test_jose_composed_and_decomposed_agree():
@@ -705,6 +742,13 @@ def test_jose_composed_and_decomposed_agree():
         "alice😀",
         "😀",
         "\u0430lice",  # Cyrillic а + Latin
+        "\u13aalice",  # Cherokee Ꭺ + Latin
+        "b\u0585b",  # Armenian օ between Latin
+        "alice\u3164",  # HANGUL FILLER looks blank
+        "alice\uffa0",  # HALFWIDTH HANGUL FILLER: NFKC gives U+1160, a filler too
+        "x\u0301\u0302\u0303\u0304",  # four combining marks in a row
+        "alice太郎",  # Latin + CJK
+        "やまだ김",  # Japanese kana + Korean hangul
         "αlice",  # Greek α + Latin
         "Анна\u03b1",  # Cyrillic + Greek
         "\u0301a",  # a mark first
@@ -723,22 +767,84 @@ def test_invalid_names(raw: str):
 NAME_ALPHABET = [
     *"aZé\u0301\u0430Ӓαω1٣_-. !😀太ल\u094dुａＡﬁ\u00b2\u2160ǅ\u200b\u0308Ⅻ",
     *"\ud800\x7f\u3000",
+    *"やカｶー々〆김\u3164\uffa0\u1160ᎪօԱ\u0302\u0303\u0304\u0305",  # rev. 2: scripts, marks
 ]
+NAME_TEXTS = st.one_of(
+    st.text(st.characters(exclude_categories=()), max_size=40),
+    st.text(st.sampled_from(NAME_ALPHABET), max_size=36),
+)
 
 
 @FUZZ
-@given(
-    raw=st.one_of(
-        st.text(st.characters(exclude_categories=()), max_size=40),
-        st.text(st.sampled_from(NAME_ALPHABET), max_size=36),
-    )
-)
+@given(raw=NAME_TEXTS)
 @example(raw="\u0430lice")
 @example(raw="a" * 32)
 @example(raw="\ufdfa")  # one code point that NFKC expands to 18
+@example(raw="x\u0301\u0302\u0303\u0304")
+@example(raw="やまだ김")
 def test_valid_name_matches_spec_predicate(raw: str):
     """§4 name: protocol.valid_name agrees with the page's normative predicate on any text."""
     assert p.valid_name(raw) == spec_valid_name(raw)
+
+
+@FUZZ
+@given(raw=NAME_TEXTS)
+@example(raw="alice\u3164")
+@example(raw="")
+def test_name_problem_agrees_with_valid_name(raw: str):
+    """§4 name: name_problem gives a reason exactly when valid_name refuses, and the
+    invalid_name error carries that reason (one predicate, two faces)."""
+    problem = p.name_problem(raw)
+    assert (problem is None) == (p.valid_name(raw) is not None)
+    if problem is None:
+        assert p.parse_client_message({"type": "join", "name": raw}) == p.Join(p.valid_name(raw))
+    else:
+        assert problem and not p.has_lone_surrogate(problem)
+        assert problem.isprintable()  # never echoes an invisible character
+        with pytest.raises(Refused) as info:
+            p.parse_client_message({"type": "join", "name": raw})
+        assert info.value.code == "invalid_name"
+        assert problem in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("\u0430lice", "mixes Cyrillic and Latin letters"),
+        ("alic\u0435", "mixes Latin and Cyrillic letters"),
+        ("\u13aalice", "mixes Cherokee and Latin letters"),
+        ("b\u0585b", "mixes Latin and Armenian letters"),
+        ("alice太郎", "mixes Latin and CJK letters"),
+        ("alice\u3164", "contains a blank-looking Hangul filler"),
+        ("x\u0301\u0302\u0303\u0304", "has more than 3 combining marks in a row"),
+        ("a" * 33, "has 33 characters (32 characters at most)"),
+        ("", "is empty"),
+        ("_alice", "must start with a letter or digit"),
+        ("alice!", "contains the character '!' (U+0021)"),
+        ("al ice", "contains the character U+0020 SPACE"),
+        ("a\u200bb", "contains the character U+200B ZERO WIDTH SPACE"),
+        ("a\x00b", "contains the character U+0000"),
+        ("al\udc80ice", "contains the character U+DC80"),
+    ],
+)
+def test_name_problem_says_why(raw: str, reason: str):
+    """§4 name: each refusal of the predicate gets its own plain reason, also in the error."""
+    assert p.name_problem(raw) == reason
+    with pytest.raises(Refused) as info:
+        p.parse_client_message({"type": "join", "name": raw})
+    assert (info.value.code, info.value.message) == ("invalid_name", "the name " + reason)
+
+
+def test_section_4_name_examples():
+    """§4 name: every example the page gives, refused or fine, as the page says."""
+    refused = ["\u0430lice", "\u13aalice", "b\u0585b", "alice\u3164", "x\u0301\u0302\u0303\u0304"]
+    for raw in refused:
+        assert p.valid_name(raw) is None, repr(raw)
+    assert p.valid_name("ａｌｉｃｅ") == "alice"
+    fine = ["Jos\u00e9", "Anna", "Анна", "राहुल", "太郎", "やまだ太郎", "김민준", "佐々木", "ルーク"]
+    for raw in fine:
+        assert p.valid_name(raw) == raw, raw
+    assert p.valid_name("Jose\u0301") == "Jos\u00e9"
 
 
 def test_name_key_casefolds_after_nfkc():
