@@ -37,9 +37,44 @@ MAX_NAME_CHARS = 32
 # §3 (revision 2): a record from a client holds at most 64 messages; the server's are unlimited.
 MAX_CLIENT_RECORD_MESSAGES = 64
 
-CLIENT_TYPES = ("join", "say", "dm", "who", "ping", "leave")
-LEAVE_REASONS = ("leave", "disconnect", "timeout", "slow", "protocol")
-BYE_REASONS = ("leave", "timeout", "protocol", "shutdown")
+# §4 and §5: every client message type; operators alone may send OP_TYPES.
+CLIENT_TYPES = (
+    "join",
+    "say",
+    "dm",
+    "who",
+    "ping",
+    "leave",
+    "kick",
+    "ban",
+    "unban",
+    "mute",
+    "bans",
+    "whois",
+)
+OP_TYPES = ("kick", "ban", "unban", "mute", "bans")
+_BEFORE_JOIN_TYPES = frozenset(("join", "ping", "leave"))  # §4: all the others need a join
+LEAVE_REASONS = (
+    "leave",
+    "disconnect",
+    "timeout",
+    "slow",
+    "protocol",
+    "kicked",
+    "banned",
+    "not_allowed",
+    "replaced",
+)
+BYE_REASONS = (
+    "leave",
+    "timeout",
+    "protocol",
+    "shutdown",
+    "kicked",
+    "banned",
+    "not_allowed",
+    "replaced",
+)
 ERROR_CODES = (
     "bad_message",
     "not_joined",
@@ -50,7 +85,20 @@ ERROR_CODES = (
     "rate_limited",
     "unknown_user",
     "server_full",
+    "bad_identity",
+    "name_reserved",
+    "not_allowed",
+    "banned",
+    "not_op",
+    "muted",
 )
+# §5: identity = raw Ed25519 public key, proof = Ed25519 signature.
+IDENTITY_BYTES = 32
+PROOF_BYTES = 64
+MAX_REASON_BYTES = 200  # §5: kick/ban reason, UTF-8 bytes
+MAX_MINUTES = 525_600  # §5: a year, the longest ban or mute
+ACCESS_MODES = ("open", "allowlist")  # §5 welcome.access
+FEATURES = ("identity", "moderation", "history", "action")  # §5 welcome.features
 
 
 class ProtocolError(Exception):
@@ -420,15 +468,18 @@ _FORBIDDEN = frozenset(
 )
 
 
-def text_problem(text: str) -> str | None:
-    """Why `text` is not valid content (empty, control character, surrogate), or None."""
+def text_problem(text: str, what: str = "text") -> str | None:
+    """Why `text` is not valid content (empty, control character, surrogate), or None.
+
+    `what` names the field in the reason ("reason is empty" for a kick's reason).
+    """
     if not text:
-        return "text is empty"
+        return f"{what} is empty"
     if not _FORBIDDEN.isdisjoint(text):
         bad = next(ch for ch in text if ch in _FORBIDDEN)
-        return f"text contains the control character U+{ord(bad):04X}"
+        return f"{what} contains the control character U+{ord(bad):04X}"
     if has_lone_surrogate(text):
-        return "text contains a lone surrogate"
+        return f"{what} contains a lone surrogate"
     return None
 
 
@@ -437,17 +488,22 @@ def utf8_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-# --- §4 client -> server messages ---
+# --- §4, §5, §6 client -> server messages ---
 
 
 @dataclass(frozen=True)
 class Join:
     name: str  # normalised (NFKC) and valid
+    identity: bytes | None = None  # §5: raw 32-byte Ed25519 public key
+    proof: bytes | None = None  # §5: 64-byte signature, not verified here (the server does)
+    history: int | None = None  # §6: at most this many kept messages
+    since: int | None = None  # §6: only kept messages with a greater id
 
 
 @dataclass(frozen=True)
 class Say:
     text: str
+    action: bool = False  # §6: /me
 
 
 @dataclass(frozen=True)
@@ -471,7 +527,41 @@ class Leave:
     pass
 
 
-ClientMessage = Union[Join, Say, Dm, Who, Ping, Leave]
+@dataclass(frozen=True)
+class Kick:
+    name: str  # as sent; matched like dm.to
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Ban:
+    name: str
+    minutes: int | None = None  # None: until unbanned
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Unban:
+    who: str  # a fingerprint or an address, as `bans` lists it
+
+
+@dataclass(frozen=True)
+class Mute:
+    name: str
+    minutes: int  # 0 lifts the mute
+
+
+@dataclass(frozen=True)
+class Bans:
+    """The operator asks for the list of bans (answered by `bans`, i.e. BanList)."""
+
+
+@dataclass(frozen=True)
+class Whois:
+    name: str
+
+
+ClientMessage = Union[Join, Say, Dm, Who, Ping, Leave, Kick, Ban, Unban, Mute, Bans, Whois]
 
 
 def message_type(obj: dict[str, Any]) -> str:
@@ -483,10 +573,74 @@ def message_type(obj: dict[str, Any]) -> str:
     return kind
 
 
+def requires_join(kind: str) -> bool:
+    """§4: every type but join, ping and leave is refused (`not_joined`) before a join."""
+    return kind not in _BEFORE_JOIN_TYPES
+
+
+def is_op_type(kind: str) -> bool:
+    """§5: kick, ban, unban, mute and bans are for operators (`not_op` for the others)."""
+    return kind in OP_TYPES
+
+
+def check_state(kind: str, joined_as: str | None, op: bool) -> None:
+    """The second and third checks of §4's order, for a known type: joined, then operator.
+
+    `joined_as` is the connection's name (None before a join), `op` whether its
+    identity is an operator's. Raises Refused (`not_joined`, `already_joined`,
+    `not_op`); the field, size and content checks follow in parse_client_message.
+    """
+    if joined_as is None:
+        if kind not in _BEFORE_JOIN_TYPES:
+            raise Refused("not_joined", f"join before sending {kind}")
+    elif kind == "join":
+        raise Refused("already_joined", f"you already joined as {joined_as}")
+    if not op and kind in OP_TYPES:
+        raise Refused("not_op", f"only an operator may send {kind}")
+
+
 def _string_field(obj: dict[str, Any], field: str, kind: str) -> str:
     value = obj.get(field)
     if not isinstance(value, str):
         raise Refused("bad_message", f"{kind} needs a string field {field!r}")
+    return value
+
+
+def _optional_string(obj: dict[str, Any], field: str, kind: str) -> str | None:
+    """Absent is None; present it must be a string (`null` is not absent, §4)."""
+    if field not in obj:
+        return None
+    value = obj[field]
+    if not isinstance(value, str):
+        raise Refused("bad_message", f"{kind} field {field!r} must be a string when present")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer: Python's bool is an int, JSON's true is not."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown_int(value: int) -> str:
+    """An integer for an error message: short enough to read."""
+    return str(value) if -(10**12) < value < 10**12 else "a huge number"
+
+
+def _optional_count(obj: dict[str, Any], field: str, kind: str) -> int | None:
+    """§6 history/since: absent is None, else a non-negative integer."""
+    if field not in obj:
+        return None
+    value = obj[field]
+    if not _is_int(value) or value < 0:
+        raise Refused("bad_message", f"{kind} field {field!r} must be a non-negative integer")
+    return value
+
+
+def _target_name(obj: dict[str, Any], field: str, kind: str) -> str:
+    """A user named in a request (dm.to, kick.name, ...): a string without lone surrogate."""
+    value = _string_field(obj, field, kind)
+    if has_lone_surrogate(value):
+        raise Refused("bad_message", f"{kind} field {field!r} holds a lone surrogate")
     return value
 
 
@@ -500,55 +654,190 @@ def _checked_text(text: str, max_text: int) -> str:
     return text
 
 
-def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) -> ClientMessage:
-    """Fields, size and content checks of §4 for one message whose type is known.
+def _identity_pair(identity: str | None, proof: str | None) -> tuple[bytes | None, bytes | None]:
+    """§5 `bad_identity`: both or neither, strict b64, 32 and 64 bytes."""
+    if identity is None and proof is None:
+        return None, None
+    if proof is None:
+        raise Refused("bad_identity", "an identity needs a proof")
+    if identity is None:
+        raise Refused("bad_identity", "a proof needs an identity")
+    return (
+        _identity_bytes(identity, "identity", IDENTITY_BYTES),
+        _identity_bytes(proof, "proof", PROOF_BYTES),
+    )
 
-    The caller has already checked the type (`message_type`) and the joined
-    state, which come first in §4's order; name-free, recipient and rate
-    checks need server state and come after.
+
+def _identity_bytes(value: str, field: str, size: int) -> bytes:
+    try:
+        data = strict_b64decode(value, field)
+    except CloseSilently:
+        raise Refused("bad_identity", f"the {field} is not strict base64") from None
+    if len(data) != size:
+        raise Refused("bad_identity", f"the {field} is {len(data)} bytes, not {size}")
+    return data
+
+
+def _parse_join(obj: dict[str, Any], max_text: int) -> Join:
+    """§5 join order: fields (bad_message), name (invalid_name), identity (bad_identity)."""
+    raw = _string_field(obj, "name", "join")
+    identity = _optional_string(obj, "identity", "join")
+    proof = _optional_string(obj, "proof", "join")
+    history = _optional_count(obj, "history", "join")
+    since = _optional_count(obj, "since", "join")
+    name, problem = _check_name(raw)
+    if problem:
+        raise Refused("invalid_name", f"the name {problem}")
+    key, signature = _identity_pair(identity, proof)
+    return Join(name, key, signature, history, since)
+
+
+def _parse_say(obj: dict[str, Any], max_text: int) -> Say:
+    text = _string_field(obj, "text", "say")
+    action = obj.get("action", False)
+    if action is not True and action is not False:  # checked with the fields, before size
+        raise Refused("bad_message", "say field 'action' must be true or false when present")
+    return Say(_checked_text(text, max_text), action)
+
+
+def _parse_dm(obj: dict[str, Any], max_text: int) -> Dm:
+    to = _string_field(obj, "to", "dm")
+    text = _checked_text(_string_field(obj, "text", "dm"), max_text)
+    if has_lone_surrogate(to):
+        raise Refused("bad_message", "dm recipient holds a lone surrogate")
+    return Dm(to=to, text=text)
+
+
+def _parse_ping(obj: dict[str, Any], max_text: int) -> Ping:
+    ping_id = obj.get("id")
+    if _json_has_lone_surrogate(ping_id):
+        raise Refused("bad_message", "ping id holds a lone surrogate")
+    try:
+        dumps_json(ping_id)
+    except ValueError:  # e.g. 1e400 parses as inf, which JSON cannot carry back
+        raise Refused("bad_message", "ping id cannot be echoed in JSON") from None
+    return Ping(ping_id)
+
+
+def _reason(obj: dict[str, Any], kind: str) -> str | None:
+    """§5 reason: optional; non-empty, at most 200 bytes, text's characters; else bad_message."""
+    reason = _optional_string(obj, "reason", kind)
+    if reason is None:
+        return None
+    size = utf8_size(reason)
+    if size > MAX_REASON_BYTES:  # bad_message, not too_long (§5)
+        raise Refused(
+            "bad_message", f"reason of {size} bytes exceeds the limit of {MAX_REASON_BYTES}"
+        )
+    problem = text_problem(reason, "reason")
+    if problem:
+        raise Refused("bad_message", problem)
+    return reason
+
+
+def _minutes(obj: dict[str, Any], kind: str, least: int, required: bool) -> int | None:
+    """§5 minutes: an integer in least..525600 (1.. for ban, 0.. and required for mute)."""
+    if "minutes" not in obj:
+        if required:
+            raise Refused("bad_message", f"{kind} needs an integer field 'minutes'")
+        return None
+    value = obj["minutes"]
+    if not _is_int(value):
+        raise Refused("bad_message", f"{kind} field 'minutes' must be an integer")
+    if not least <= value <= MAX_MINUTES:
+        raise Refused(
+            "bad_message",
+            f"{kind} minutes must be {least} to {MAX_MINUTES}, not {_shown_int(value)}",
+        )
+    return value
+
+
+def _parse_kick(obj: dict[str, Any], max_text: int) -> Kick:
+    return Kick(_target_name(obj, "name", "kick"), _reason(obj, "kick"))
+
+
+def _parse_ban(obj: dict[str, Any], max_text: int) -> Ban:
+    name = _target_name(obj, "name", "ban")
+    return Ban(name, _minutes(obj, "ban", 1, required=False), _reason(obj, "ban"))
+
+
+def _parse_mute(obj: dict[str, Any], max_text: int) -> Mute:
+    name = _target_name(obj, "name", "mute")
+    minutes = _minutes(obj, "mute", 0, required=True)
+    assert minutes is not None
+    return Mute(name, minutes)
+
+
+_PARSERS = {
+    "say": _parse_say,
+    "dm": _parse_dm,
+    "join": _parse_join,
+    "ping": _parse_ping,
+    "who": lambda obj, max_text: Who(),
+    "leave": lambda obj, max_text: Leave(),
+    "kick": _parse_kick,
+    "ban": _parse_ban,
+    "unban": lambda obj, max_text: Unban(_target_name(obj, "who", "unban")),
+    "mute": _parse_mute,
+    "bans": lambda obj, max_text: Bans(),
+    "whois": lambda obj, max_text: Whois(_target_name(obj, "name", "whois")),
+}
+
+
+def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) -> ClientMessage:
+    """Fields, size and content checks of §4-§6 for one message; Refused on the first failure.
+
+    The caller has already checked the type (`message_type`), the joined state
+    and the operator right (`check_state`), which come first in §4's order;
+    name-free, target, muted and rate checks need server state and come after.
+    Join follows its own order (§5); its proof is verified by the server.
     """
-    kind = message_type(obj)
-    if kind == "say":
-        return Say(_checked_text(_string_field(obj, "text", kind), max_text))
-    if kind == "dm":
-        to = _string_field(obj, "to", kind)
-        text = _checked_text(_string_field(obj, "text", kind), max_text)
-        if has_lone_surrogate(to):
-            raise Refused("bad_message", "dm recipient holds a lone surrogate")
-        return Dm(to=to, text=text)
-    if kind == "join":
-        raw = _string_field(obj, "name", kind)
-        name, problem = _check_name(raw)
-        if problem:
-            raise Refused("invalid_name", f"the name {problem}")
-        return Join(name)
-    if kind == "ping":
-        ping_id = obj.get("id")
-        if _json_has_lone_surrogate(ping_id):
-            raise Refused("bad_message", "ping id holds a lone surrogate")
-        try:
-            dumps_json(ping_id)
-        except ValueError:  # e.g. 1e400 parses as inf, which JSON cannot carry back
-            raise Refused("bad_message", "ping id cannot be echoed in JSON") from None
-        return Ping(ping_id)
-    if kind == "who":
-        return Who()
-    return Leave()
+    return _PARSERS[message_type(obj)](obj, max_text)
 
 
 def encode_client_message(msg: ClientMessage) -> bytes:
-    """Client side: one message object for a record."""
-    if isinstance(msg, Join):
-        return encode_message({"type": "join", "name": msg.name})
+    """Client side: one message object for a record (optional fields only when set)."""
+    return encode_message(client_message(msg))
+
+
+def client_message(msg: ClientMessage) -> dict[str, Any]:
+    """Client side: the message object of `msg`, as parse_client_message reads it back."""
     if isinstance(msg, Say):
-        return encode_message({"type": "say", "text": msg.text})
+        if msg.action:
+            return {"type": "say", "text": msg.text, "action": True}
+        return {"type": "say", "text": msg.text}
+    if isinstance(msg, Join):
+        obj: dict[str, Any] = {"type": "join", "name": msg.name}
+        if msg.identity is not None:
+            obj["identity"] = b64encode(msg.identity)
+        if msg.proof is not None:
+            obj["proof"] = b64encode(msg.proof)
+        if msg.history is not None:
+            obj["history"] = msg.history
+        if msg.since is not None:
+            obj["since"] = msg.since
+        return obj
     if isinstance(msg, Dm):
-        return encode_message({"type": "dm", "to": msg.to, "text": msg.text})
-    if isinstance(msg, Who):
-        return encode_message({"type": "who"})
+        return {"type": "dm", "to": msg.to, "text": msg.text}
     if isinstance(msg, Ping):
-        return encode_message({"type": "ping", "id": msg.id})
-    return encode_message({"type": "leave"})
+        return {"type": "ping", "id": msg.id}
+    if isinstance(msg, (Kick, Ban)):
+        obj = {"type": "kick" if isinstance(msg, Kick) else "ban", "name": msg.name}
+        if isinstance(msg, Ban) and msg.minutes is not None:
+            obj["minutes"] = msg.minutes
+        if msg.reason is not None:
+            obj["reason"] = msg.reason
+        return obj
+    if isinstance(msg, Mute):
+        return {"type": "mute", "name": msg.name, "minutes": msg.minutes}
+    if isinstance(msg, Unban):
+        return {"type": "unban", "who": msg.who}
+    if isinstance(msg, Whois):
+        return {"type": "whois", "name": msg.name}
+    return {"type": _BARE_TYPES[type(msg)]}
+
+
+_BARE_TYPES: dict[type, str] = {Who: "who", Leave: "leave", Bans: "bans"}
 
 
 # --- §4 server -> client messages ---

@@ -649,6 +649,260 @@ def test_message_type_known(kind: str):
     assert p.message_type({"type": kind}) == kind
 
 
+# --- §5, §6 client -> server messages ---
+
+ID_KEY = bytes(range(32))
+ID_PROOF = bytes(range(64, 128))
+
+
+def join_obj(**over: Any) -> dict[str, Any]:
+    obj = {"type": "join", "name": "alice", "identity": b64(ID_KEY), "proof": b64(ID_PROOF)}
+    obj.update(over)
+    return {k: v for k, v in obj.items() if v is not ABSENT}
+
+
+ABSENT = object()  # join_obj(field=ABSENT) leaves the field out
+
+
+def test_parse_each_new_client_type():
+    """§5, §6: each new client message with good fields gives its dataclass."""
+    parse = p.parse_client_message
+    assert parse(join_obj()) == p.Join("alice", ID_KEY, ID_PROOF)
+    assert parse(join_obj(history=0, since=7)) == p.Join("alice", ID_KEY, ID_PROOF, 0, 7)
+    assert parse({"type": "join", "name": "a", "since": 2**70}) == p.Join("a", since=2**70)
+    assert parse({"type": "say", "text": "waves", "action": True}) == p.Say("waves", True)
+    assert parse({"type": "say", "text": "hi", "action": False}) == p.Say("hi")
+    assert parse({"type": "kick", "name": "Bob"}) == p.Kick("Bob")
+    assert parse({"type": "kick", "name": "Bob", "reason": "spam"}) == p.Kick("Bob", "spam")
+    assert parse({"type": "ban", "name": "b"}) == p.Ban("b")
+    assert parse({"type": "ban", "name": "b", "minutes": 5, "reason": "x"}) == p.Ban("b", 5, "x")
+    assert parse({"type": "unban", "who": "10.0.0.1"}) == p.Unban("10.0.0.1")
+    assert parse({"type": "mute", "name": "b", "minutes": 0}) == p.Mute("b", 0)
+    assert parse({"type": "bans"}) == p.Bans()
+    assert parse({"type": "whois", "name": "ＢＯＢ"}) == p.Whois("ＢＯＢ")  # matched later, as sent
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"name": None},
+        {"name": 5},
+        {"identity": None},
+        {"proof": None},
+        {"identity": 5},
+        {"proof": [b64(ID_PROOF)]},
+        {"history": None},
+        {"history": -1},
+        {"history": True},
+        {"history": 1.0},
+        {"history": "3"},
+        {"since": None},
+        {"since": -1},
+        {"since": False},
+        {"since": 2.5},
+        {"since": [1]},
+        # fields are checked before the name and the identity
+        {"name": "al ice", "history": -1},
+        {"name": "al ice", "identity": None},
+        {"name": 5, "proof": "!!"},
+        {"identity": ABSENT, "proof": None},
+    ],
+)
+def test_join_fields_are_bad_message_first(over: dict[str, Any]):
+    """§5 join order, §6: a mistyped name, identity, proof, history or since (null included)
+    is bad_message, ahead of invalid_name and bad_identity."""
+    assert refusal(join_obj(**over)) == "bad_message"
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"name": "\u0430lice", "identity": ABSENT},
+        {"name": "\u0430lice", "proof": "not b64"},
+        {"name": "", "identity": b64(b"short")},
+    ],
+)
+def test_join_name_before_identity(over: dict[str, Any]):
+    """§5 join order: invalid_name comes before bad_identity."""
+    assert refusal(join_obj(**over)) == "invalid_name"
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"identity": ABSENT},
+        {"proof": ABSENT},
+        {"identity": b64(ID_KEY[:31])},
+        {"identity": b64(ID_KEY + b"!")},
+        {"identity": b64(ID_PROOF)},  # 64 bytes where 32 belong
+        {"proof": b64(ID_PROOF[:63])},
+        {"proof": b64(ID_PROOF + b"!")},
+        {"proof": b64(ID_KEY)},
+        {"identity": ""},
+        {"proof": ""},
+        *({"identity": bad} for bad in BAD_B64.values()),
+        *({"proof": bad} for bad in BAD_B64.values()),
+        {"identity": b64(ID_KEY).rstrip("=")},
+        {"identity": base64.urlsafe_b64encode(PLUS_SLASH).decode()},
+    ],
+)
+def test_join_bad_identity(over: dict[str, Any]):
+    """§5: identity without proof or the reverse, bad strict b64, or sizes other than
+    32 and 64 bytes: bad_identity (the connection stays)."""
+    assert refusal(join_obj(**over)) == "bad_identity"
+
+
+def test_join_identity_plus_slash_decodes():
+    """§5 + notation: identity is standard base64 (with + and /) and decodes to its bytes."""
+    msg = p.parse_client_message(join_obj(identity=B64_PS))
+    assert msg == p.Join("alice", PLUS_SLASH, ID_PROOF)
+
+
+@pytest.mark.parametrize("action", [None, 1, 0, "true", [True], {}])
+def test_say_action_must_be_boolean(action: Any):
+    """§6: a non-boolean action (null included) is bad_message, checked with the fields,
+    so before size."""
+    assert refusal({"type": "say", "text": "hi", "action": action}) == "bad_message"
+    long = "x" * (p.DEFAULT_MAX_TEXT + 1)
+    assert refusal({"type": "say", "text": long, "action": action}) == "bad_message"
+    assert refusal({"type": "say", "text": long, "action": True}) == "too_long"
+
+
+REASON_200 = "é" * 100  # 200 UTF-8 bytes
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"type": "kick"},
+        {"type": "kick", "name": None},
+        {"type": "kick", "name": 1},
+        {"type": "kick", "name": "b\ud800"},
+        {"type": "kick", "name": "b", "reason": None},
+        {"type": "kick", "name": "b", "reason": 5},
+        {"type": "kick", "name": "b", "reason": ""},
+        {"type": "kick", "name": "b", "reason": REASON_200 + "a"},
+        {"type": "kick", "name": "b", "reason": "x" * 100_000},
+        {"type": "kick", "name": "b", "reason": "bad\x1bcolour"},
+        {"type": "kick", "name": "b", "reason": "\x85"},
+        {"type": "kick", "name": "b", "reason": "lone \udc00"},
+        {"type": "ban", "name": ["b"]},
+        {"type": "ban", "name": "b", "minutes": 0},
+        {"type": "ban", "name": "b", "minutes": -1},
+        {"type": "ban", "name": "b", "minutes": 525_601},
+        {"type": "ban", "name": "b", "minutes": 10**400},
+        {"type": "ban", "name": "b", "minutes": None},
+        {"type": "ban", "name": "b", "minutes": True},
+        {"type": "ban", "name": "b", "minutes": 5.0},
+        {"type": "ban", "name": "b", "minutes": "5"},
+        {"type": "ban", "name": "b", "minutes": 5, "reason": ""},
+        {"type": "mute", "name": "b"},
+        {"type": "mute", "name": "b", "minutes": None},
+        {"type": "mute", "name": "b", "minutes": -1},
+        {"type": "mute", "name": "b", "minutes": 525_601},
+        {"type": "mute", "name": "b", "minutes": False},
+        {"type": "mute", "minutes": 5},
+        {"type": "unban"},
+        {"type": "unban", "who": None},
+        {"type": "unban", "who": 3},
+        {"type": "unban", "who": "\udfff"},
+        {"type": "whois"},
+        {"type": "whois", "name": None},
+        {"type": "whois", "name": {"n": "b"}},
+        {"type": "whois", "name": "\ud800"},
+    ],
+)
+def test_moderation_fields_are_bad_message(obj: dict[str, Any]):
+    """§5: a bad name, who, reason (even over 200 bytes: not too_long) or minutes is
+    bad_message."""
+    assert refusal(obj) == "bad_message"
+
+
+@pytest.mark.parametrize("reason", [REASON_200, "a", "line\nbreak\ttab", "😀" * 50, " "])
+def test_reason_bounds(reason: str):
+    """§5 reason: any non-empty text of at most 200 UTF-8 bytes passes (200 included)."""
+    assert p.parse_client_message({"type": "kick", "name": "b", "reason": reason}) == p.Kick(
+        "b", reason
+    )
+    obj = {"type": "ban", "name": "b", "reason": reason}
+    assert p.parse_client_message(obj) == p.Ban("b", None, reason)
+
+
+@pytest.mark.parametrize(("kind", "least"), [("ban", 1), ("mute", 0)])
+def test_minutes_bounds(kind: str, least: int):
+    """§5 minutes: at most 525600; positive for ban, non-negative for mute; bounds inclusive."""
+    for minutes in (least, 525_600):
+        msg = p.parse_client_message({"type": kind, "name": "b", "minutes": minutes})
+        assert msg.minutes == minutes
+    for minutes in (least - 1, 525_601):
+        assert refusal({"type": kind, "name": "b", "minutes": minutes}) == "bad_message"
+
+
+def test_error_codes_and_reasons_of_revision_2():
+    """§5: the new error codes, bye reasons and left reasons are known."""
+    for code in ("bad_identity", "name_reserved", "not_allowed", "banned", "not_op", "muted"):
+        assert code in p.ERROR_CODES
+    for reason in ("kicked", "banned", "not_allowed", "replaced"):
+        assert reason in p.BYE_REASONS and reason in p.LEAVE_REASONS
+    assert set(p.OP_TYPES) == {"kick", "ban", "unban", "mute", "bans"} <= set(p.CLIENT_TYPES)
+    assert "whois" in p.CLIENT_TYPES
+
+
+@pytest.mark.parametrize("kind", p.CLIENT_TYPES)
+def test_requires_join_and_is_op_type(kind: str):
+    """§4: every type but join, ping and leave needs a join; §5: the five operator types."""
+    assert p.requires_join(kind) == (kind not in ("join", "ping", "leave"))
+    assert p.is_op_type(kind) == (kind in ("kick", "ban", "unban", "mute", "bans"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "joined_as", "op", "code"),
+    [
+        ("say", None, False, "not_joined"),
+        ("whois", None, False, "not_joined"),
+        ("kick", None, False, "not_joined"),  # joined comes before operator
+        ("bans", None, True, "not_joined"),
+        ("join", "alice", False, "already_joined"),
+        ("join", "alice", True, "already_joined"),
+        ("kick", "alice", False, "not_op"),
+        ("unban", "alice", False, "not_op"),
+        ("kick", "alice", True, None),
+        ("whois", "alice", False, None),
+        ("join", None, False, None),
+        ("ping", None, False, None),
+        ("leave", None, False, None),
+        ("ping", "alice", False, None),
+    ],
+)
+def test_check_state_order(kind: str, joined_as: str | None, op: bool, code: str | None):
+    """§4 which error: joined (not_joined / already_joined) before operator (not_op)."""
+    if code is None:
+        p.check_state(kind, joined_as, op)
+        return
+    with pytest.raises(Refused) as info:
+        p.check_state(kind, joined_as, op)
+    assert info.value.code == code
+
+
+def test_new_client_messages_wire_bytes():
+    """§5, §6: optional fields go on the wire only when set; identity and proof as b64."""
+    enc = p.encode_client_message
+    assert enc(p.Join("al")) == b'{"type":"join","name":"al"}'
+    assert enc(p.Join("al", ID_KEY, ID_PROOF, 5, 0)) == (
+        b'{"type":"join","name":"al","identity":"%s","proof":"%s","history":5,"since":0}'
+        % (b64(ID_KEY).encode(), b64(ID_PROOF).encode())
+    )
+    assert enc(p.Say("x")) == b'{"type":"say","text":"x"}'
+    assert enc(p.Say("x", action=True)) == b'{"type":"say","text":"x","action":true}'
+    assert enc(p.Kick("b")) == b'{"type":"kick","name":"b"}'
+    assert enc(p.Ban("b", None, "r")) == b'{"type":"ban","name":"b","reason":"r"}'
+    assert enc(p.Ban("b", 3)) == b'{"type":"ban","name":"b","minutes":3}'
+    assert enc(p.Mute("b", 0)) == b'{"type":"mute","name":"b","minutes":0}'
+    assert enc(p.Unban("1.2.3.4")) == b'{"type":"unban","who":"1.2.3.4"}'
+    assert enc(p.Bans()) == b'{"type":"bans"}'
+    assert enc(p.Whois("b")) == b'{"type":"whois","name":"b"}'
+
+
 # --- §4 names ---
 
 
@@ -994,11 +1248,25 @@ TEXTS = st.one_of(
     st.text(st.sampled_from(["a", "é", "😀", "\n", "\x1b", "\x85", "\ud800"]), max_size=30),
     JSON_VALUES,
 )
+INTS = st.integers(-(2**40), 2**40) | JSON_SCALARS
+B64S = st.binary(max_size=70).map(b64) | TEXTS
 CLIENT_MESSAGES = st.fixed_dictionaries(
     {"type": st.sampled_from(p.CLIENT_TYPES) | ANY_TYPE},
-    optional={"text": TEXTS, "to": TEXTS, "name": TEXTS, "id": JSON_VALUES},
+    optional={
+        "text": TEXTS,
+        "to": TEXTS,
+        "name": TEXTS,
+        "id": JSON_VALUES,
+        "identity": B64S,
+        "proof": B64S,
+        "history": INTS,
+        "since": INTS,
+        "action": JSON_SCALARS,
+        "reason": TEXTS,
+        "minutes": st.integers(-2, 525_602) | INTS,
+        "who": TEXTS,
+    },
 )
-INTS = st.integers(-(2**40), 2**40) | JSON_SCALARS
 SERVER_MESSAGES = st.one_of(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["message", "dm"])},
@@ -1063,8 +1331,23 @@ def test_fuzz_client_messages_raise_only_refused(objs: list[dict[str, Any]]):
             assert not any(p.is_forbidden_char(ch) for ch in msg.text)  # C0, DEL, C1, surrogate
         if isinstance(msg, p.Join):
             assert p.valid_name(msg.name) == msg.name
+            assert (msg.identity is None) == (msg.proof is None)
+            assert msg.identity is None or (len(msg.identity), len(msg.proof)) == (32, 64)
+            for count in (msg.history, msg.since):
+                assert count is None or (type(count) is int and count >= 0)
+        if isinstance(msg, p.Say):
+            assert type(msg.action) is bool
         if isinstance(msg, p.Ping):  # what the server echoes in pong must encode
             assert json.loads(p.encode_message(p.pong(msg.id)))["id"] == msg.id
+        if isinstance(msg, (p.Kick, p.Ban)) and msg.reason is not None:
+            assert 1 <= len(msg.reason.encode("utf-8")) <= 200
+            assert not any(p.is_forbidden_char(ch) for ch in msg.reason)
+        if isinstance(msg, (p.Ban, p.Mute)) and msg.minutes is not None:
+            assert type(msg.minutes) is int
+            assert (1 if isinstance(msg, p.Ban) else 0) <= msg.minutes <= 525_600
+        for field in ("name", "to", "who"):  # the names a request carries are valid strings
+            value = getattr(msg, field, "")
+            assert isinstance(value, str) and not p.has_lone_surrogate(value)
 
 
 @FUZZ
@@ -1090,13 +1373,30 @@ VALID_NAMES = st.sampled_from(["alice", "José", "Jose\u0301", "राहुल"
         lambda name: p.valid_name(name) == name
     )
 )
+VALID_REASONS = st.none() | VALID_TEXTS
+COUNTS = st.none() | st.integers(0, 2**62)
 VALID_CLIENT_MESSAGES = st.one_of(
     VALID_NAMES.map(lambda name: p.Join(p.valid_name(name))),
+    st.builds(
+        lambda name, pair, history, since: p.Join(p.valid_name(name), *pair, history, since),
+        VALID_NAMES,
+        st.just((None, None))
+        | st.tuples(st.binary(min_size=32, max_size=32), st.binary(min_size=64, max_size=64)),
+        COUNTS,
+        COUNTS,
+    ),
     VALID_TEXTS.map(p.Say),
+    st.builds(p.Say, VALID_TEXTS, st.booleans()),
     st.builds(p.Dm, to=VALID_NAMES, text=VALID_TEXTS),
     st.just(p.Who()),
     st.just(p.Leave()),
     (st.none() | st.booleans() | st.integers(-(2**60), 2**60) | VALID_TEXTS).map(p.Ping),
+    st.builds(p.Kick, VALID_NAMES, VALID_REASONS),
+    st.builds(p.Ban, VALID_NAMES, st.none() | st.integers(1, 525_600), VALID_REASONS),
+    st.builds(p.Unban, VALID_TEXTS),
+    st.builds(p.Mute, VALID_NAMES, st.integers(0, 525_600)),
+    st.just(p.Bans()),
+    st.builds(p.Whois, VALID_NAMES),
 )
 
 
