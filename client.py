@@ -28,7 +28,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -483,7 +483,7 @@ class Session:
                 f"a record from the server failed to open ({exc}); closed"
             ) from None
         try:
-            msgs = [parse_server_message(obj) for obj in decode_record(plain)]
+            msgs = [parse_server_message(obj) for obj in decode_record(plain, None)]
         except ProtocolError as exc:
             self._shutdown()
             raise ConnectionLost(f"the server sent a malformed record ({exc}); closed") from None
@@ -822,14 +822,20 @@ and status lines on stderr, and leaves at end of input.
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# One-shot actions: they do something and exit, so they take no BCAST_ fallback (an
+# exported BCAST_FORGET would forget a pin on every run).
+ACTION_FLAGS = frozenset({"help"})
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; every setting flag falls back to BCAST_<FLAG> in `environ`."""
+    env = (os.environ if environ is None else environ).get
     p = argparse.ArgumentParser(
         prog="client.py",
         description="bcast/1 encrypted group-chat client.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    env = os.environ.get
     p.add_argument(
         "--host",
         default=env("BCAST_HOST", DEFAULT_HOST),
@@ -844,10 +850,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=env("BCAST_NAME"), help="your name; BCAST_NAME (asked when missing)"
     )
     p.add_argument(
-        "--fingerprint", help="expected server fingerprint SHA256:...; overrides known_hosts"
+        "--fingerprint",
+        default=env("BCAST_FINGERPRINT") or None,
+        help="the server fingerprint SHA256:... to require instead of trusting on first use; "
+        "BCAST_FINGERPRINT",
     )
     p.add_argument(
-        "--known-hosts", type=Path, help="pin file (default $XDG_CONFIG_HOME/bcast/known_hosts)"
+        "--known-hosts",
+        type=Path,
+        default=env("BCAST_KNOWN_HOSTS") or None,
+        help="the pin file; BCAST_KNOWN_HOSTS (default $XDG_CONFIG_HOME/bcast/known_hosts)",
     )
     return p
 
