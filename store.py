@@ -115,6 +115,10 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Store: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
 
 def open_store(path: Path) -> Store:
     """Open (creating if missing) the state file at `path` and lock it for this process."""
@@ -125,7 +129,9 @@ def open_store(path: Path) -> Store:
         after = os.lstat(path)
     except OSError as exc:
         store.close()
-        raise StoreError(f"cannot read the state file {path}: {exc.strerror}") from None
+        raise StoreError(
+            f"cannot read the state file {path} ({exc.strerror}); check its folder's permissions"
+        ) from None
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         store.close()
         raise StoreError(f"the state file {path} was replaced while it was opened; start again")
@@ -363,7 +369,9 @@ def _prepare_file(path: Path) -> os.stat_result:
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise StoreError(f"cannot read the state file {path} ({exc.strerror})") from None
+        raise StoreError(
+            f"cannot read the state file {path} ({exc.strerror}); check its folder's permissions"
+        ) from None
     if stat.S_ISLNK(st.st_mode):
         raise StoreError(f"the state file {path} is a symbolic link; give the file's own path")
     if not stat.S_ISREG(st.st_mode):
