@@ -121,10 +121,15 @@ def default_known_hosts() -> Path:
 
 
 class KnownHosts:
-    """Pins as lines `host:port SHA256:...`; appended, never rewritten, never skipped."""
+    """Pins as lines `host:port SHA256:...`; appended, never rewritten, never skipped.
 
-    def __init__(self, path: Path):
+    Only the default file's folders are created (`create_dirs`): a path the user
+    gave whose folder is missing is a typo to report, not a tree to make.
+    """
+
+    def __init__(self, path: Path, create_dirs: bool = False):
         self.path = path
+        self.create_dirs = create_dirs
 
     def lookup(self, key: str) -> tuple[str, int] | None:
         """(fingerprint, line number) pinned for `key`; a malformed line is a TrustError."""
@@ -155,8 +160,10 @@ class KnownHosts:
         return found
 
     def add(self, key: str, fp: str) -> None:
-        """Append one pin (O_APPEND, one write), creating the file 0600 and its folder 0700."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Append one pin (O_APPEND, one write), creating the file 0600 (and the default
+        file's folders 0700)."""
+        if self.create_dirs:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -927,7 +934,12 @@ def run(argv: list[str] | None) -> int:
     def status(text: str) -> None:
         output.show(style.paint(f"* {text}", "2"), status=True)
 
-    known = KnownHosts(args.known_hosts or default_known_hosts())
+    if args.known_hosts is not None and not args.known_hosts.parent.is_dir():
+        raise UsageError(
+            f"the folder of the pin file {args.known_hosts} does not exist "
+            f"({args.known_hosts.parent}); create it or give another --known-hosts"
+        )
+    known = KnownHosts(args.known_hosts or default_known_hosts(), args.known_hosts is None)
     key = host_key(args.host, int(args.port))
 
     def verify(fp: str) -> None:

@@ -346,7 +346,7 @@ def test_known_hosts_first_use_stores_then_same_key_passes(tmp_path: Path) -> No
     """Issue B: trust on first use per host:port; the pin is appended, the file 0600."""
     path = tmp_path / "deep" / "known_hosts"
     said: list[str] = []
-    check_pin(KnownHosts(path), "h:1", FP_A, None, said.append)
+    check_pin(KnownHosts(path, create_dirs=True), "h:1", FP_A, None, said.append)
     assert path.read_text() == f"h:1 {FP_A}\n"
     assert path.stat().st_mode & 0o777 == 0o600
     assert FP_A in said[0] and str(path) in said[0]
@@ -837,3 +837,24 @@ def test_every_setting_flag_has_an_env_fallback() -> None:
         default = client.build_parser({}).parse_args([])
         got, plain = getattr(parsed, action.dest), getattr(default, action.dest)
         assert got != plain, f"{var}={value} does not change {flag}"
+
+
+def test_known_hosts_in_a_missing_directory_is_a_usage_error(run_server, tmp_path: Path) -> None:
+    """Issue 15 bug 5: only the default pin file's folders are created; a --known-hosts whose
+    folder is missing is an error (exit 2) before anything is connected or created."""
+    with run_server(rate=0) as srv:
+        given = tmp_path / "no" / "such" / "dir" / "kh"
+        done = pipe_client(tmp_path, srv.address[1], "--name", "ana", "--known-hosts", str(given))
+    assert done.returncode == 2, done.stderr
+    assert str(given.parent) in done.stderr and "does not exist" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+
+
+def test_default_known_hosts_folders_are_created(run_server, tmp_path: Path) -> None:
+    """Issue 15 bug 5: the default location's folders are created (0700) on first use."""
+    with run_server(rate=0) as srv:
+        done = pipe_client(tmp_path, srv.address[1], "--name", "ana")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "config" / "bcast"
+    assert (folder / "known_hosts").is_file() and folder.stat().st_mode & 0o777 == 0o700
