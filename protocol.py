@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import unicodedata
 from dataclasses import dataclass
@@ -840,7 +841,7 @@ def client_message(msg: ClientMessage) -> dict[str, Any]:
 _BARE_TYPES: dict[type, str] = {Who: "who", Leave: "leave", Bans: "bans"}
 
 
-# --- §4 server -> client messages ---
+# --- §4, §5, §6 server -> client messages ---
 
 
 @dataclass(frozen=True)
@@ -849,6 +850,14 @@ class Welcome:
     users: list[str]
     max_text: int
     rate: int
+    # Revision 2 (§5, §6); a revision-1 server omits them and these defaults hold.
+    access: str = "open"
+    identity: str | None = None  # this client's fingerprint, if it proved one
+    op: bool = False
+    features: tuple[str, ...] = ()
+    max_record: int = MAX_RECORD_FRAME  # the server's R (§1): keep each record within it
+    last_id: int = 0
+    gap: bool = False
 
 
 @dataclass(frozen=True)
@@ -857,6 +866,8 @@ class Message:
     sender: str
     text: str
     ts: int
+    action: bool = False  # §6: /me
+    history: bool = False  # §6: replayed after welcome, not live
 
 
 @dataclass(frozen=True)
@@ -871,12 +882,14 @@ class DirectMessage:
 @dataclass(frozen=True)
 class Joined:
     name: str
+    identity: str | None = None  # §5: the joiner's fingerprint
 
 
 @dataclass(frozen=True)
 class Left:
     name: str
     reason: str
+    by: str | None = None  # §5: the operator, for kicked and banned
 
 
 @dataclass(frozen=True)
@@ -898,6 +911,41 @@ class Error:
 @dataclass(frozen=True)
 class Bye:
     reason: str
+    by: str | None = None  # §5: the operator who kicked or banned this client
+    message: str | None = None  # §5: the operator's reason, when one was given
+
+
+@dataclass(frozen=True)
+class BanEntry:
+    who: str  # a fingerprint or an address
+    until: int | None  # ms since the epoch; None: until unbanned
+    by: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class BanList:
+    """The `bans` message (§5): the bans in force, sorted by `who`."""
+
+    bans: list[BanEntry]
+
+
+@dataclass(frozen=True)
+class Muted:
+    by: str
+    until: int | None  # ms since the epoch; None: the mute was lifted
+    name: str | None = None  # set in the operator's acknowledgement
+
+
+@dataclass(frozen=True)
+class WhoisInfo:
+    """The `whois` answer (§5)."""
+
+    name: str
+    identity: str | None
+    op: bool
+    since: int  # ms since the epoch: the join that took the name
+    address: str | None = None  # sent to operators only
 
 
 @dataclass(frozen=True)
@@ -908,34 +956,79 @@ class Unknown:
 
 
 ServerMessage = Union[
-    Welcome, Message, DirectMessage, Joined, Left, Users, Pong, Error, Bye, Unknown
+    Welcome,
+    Message,
+    DirectMessage,
+    Joined,
+    Left,
+    Users,
+    Pong,
+    Error,
+    Bye,
+    BanList,
+    Muted,
+    WhoisInfo,
+    Unknown,
 ]
 
 
-def welcome(name: str, users: list[str], max_text: int, rate: int) -> dict[str, Any]:
+def welcome(
+    name: str,
+    users: list[str],
+    max_text: int,
+    rate: int,
+    *,
+    access: str = "open",
+    identity: str | None = None,
+    op: bool = False,
+    features: tuple[str, ...] = FEATURES,
+    max_record: int = MAX_RECORD_FRAME,
+    last_id: int = 0,
+    gap: bool = False,
+) -> dict[str, Any]:
+    """`welcome`; the keyword fields of revision 2 default to an open server's values."""
     return {
         "type": "welcome",
         "name": name,
         "users": sorted(users),
         "max_text": max_text,
         "rate": rate,
+        "access": access,
+        "identity": identity,
+        "op": op,
+        "features": list(features),
+        "max_record": max_record,
+        "last_id": last_id,
+        "gap": gap,
     }
 
 
-def message(msg_id: int, sender: str, text: str, ts: int) -> dict[str, Any]:
-    return {"type": "message", "id": msg_id, "from": sender, "text": text, "ts": ts}
+def message(
+    msg_id: int, sender: str, text: str, ts: int, action: bool = False, history: bool = False
+) -> dict[str, Any]:
+    """`message`; `action` and `history` go on the wire only when true (§6)."""
+    obj = {"type": "message", "id": msg_id, "from": sender, "text": text, "ts": ts}
+    if action:
+        obj["action"] = True
+    if history:
+        obj["history"] = True
+    return obj
 
 
 def direct(msg_id: int, sender: str, to: str, text: str, ts: int) -> dict[str, Any]:
     return {"type": "dm", "id": msg_id, "from": sender, "to": to, "text": text, "ts": ts}
 
 
-def joined(name: str) -> dict[str, Any]:
-    return {"type": "joined", "name": name}
+def joined(name: str, identity: str | None = None) -> dict[str, Any]:
+    return {"type": "joined", "name": name, "identity": identity}
 
 
-def left(name: str, reason: str) -> dict[str, Any]:
-    return {"type": "left", "name": name, "reason": reason}
+def left(name: str, reason: str, by: str | None = None) -> dict[str, Any]:
+    """`left`; `by` (the operator) only when given (§5)."""
+    obj = {"type": "left", "name": name, "reason": reason}
+    if by is not None:
+        obj["by"] = by
+    return obj
 
 
 def users(names: list[str]) -> dict[str, Any]:
@@ -950,8 +1043,42 @@ def error(code: str, text: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": text}
 
 
-def bye(reason: str) -> dict[str, Any]:
-    return {"type": "bye", "reason": reason}
+def bye(reason: str, by: str | None = None, message: str | None = None) -> dict[str, Any]:
+    """`bye`; `by` and `message` only when given (§5: kicked or banned)."""
+    obj = {"type": "bye", "reason": reason}
+    if by is not None:
+        obj["by"] = by
+    if message is not None:
+        obj["message"] = message
+    return obj
+
+
+def ban_entry(who: str, until: int | None, by: str, reason: str | None) -> dict[str, Any]:
+    """One element of `bans.bans` (§5)."""
+    return {"who": who, "until": until, "by": by, "reason": reason}
+
+
+def bans(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """`bans`: the entries (see ban_entry) sorted by `who`, by code point (§5)."""
+    return {"type": "bans", "bans": sorted(entries, key=lambda entry: entry["who"])}
+
+
+def muted(by: str, until: int | None, name: str | None = None) -> dict[str, Any]:
+    """`muted`: to the target without `name`, to the operator with it (§5)."""
+    obj = {"type": "muted", "by": by, "until": until}
+    if name is not None:
+        obj["name"] = name
+    return obj
+
+
+def whois(
+    name: str, identity: str | None, op: bool, since: int, address: str | None = None
+) -> dict[str, Any]:
+    """`whois`; `address` only when given: the server gives it to operators alone (§5)."""
+    obj = {"type": "whois", "name": name, "identity": identity, "op": op, "since": since}
+    if address is not None:
+        obj["address"] = address
+    return obj
 
 
 # The same server messages as bytes, for the server's hot paths: it builds them
@@ -965,19 +1092,73 @@ def json_string(text: str) -> bytes:
     return json.dumps(text, ensure_ascii=False).encode("utf-8")
 
 
-def encode_welcome(name: bytes, users: list[bytes], max_text: int, rate: int) -> bytes:
-    """`welcome`; `users` already in JSON and in order (the builder sorts, this does not)."""
-    return b'{"type":"welcome","name":%s,"users":[%s],"max_text":%d,"rate":%d}' % (
-        name,
-        b",".join(users),
-        max_text,
-        rate,
+_ACCESS_JSON = {mode: b'"%s"' % mode.encode("ascii") for mode in ACCESS_MODES}
+_REASON_JSON = {reason: b'"%s"' % reason.encode("ascii") for reason in LEAVE_REASONS}
+
+
+@functools.lru_cache(maxsize=16)
+def _strings_json(items: tuple[str, ...]) -> bytes:
+    """A list of strings as encode_message writes it; the server passes one tuple each time."""
+    return dumps_json(list(items))
+
+
+def encode_welcome(
+    name: bytes,
+    users: list[bytes],
+    max_text: int,
+    rate: int,
+    *,
+    access: str = "open",
+    identity: bytes = b"null",
+    op: bool = False,
+    features: tuple[str, ...] = FEATURES,
+    max_record: int = MAX_RECORD_FRAME,
+    last_id: int = 0,
+    gap: bool = False,
+) -> bytes:
+    """`welcome`; `users` already in JSON and in order (the builder sorts, this does not).
+
+    `identity` is JSON too: json_string(fingerprint), or b"null".
+    """
+    return (
+        b'{"type":"welcome","name":%s,"users":[%s],"max_text":%d,"rate":%d,"access":%s,'
+        b'"identity":%s,"op":%s,"features":%s,"max_record":%d,"last_id":%d,"gap":%s}'
+        % (
+            name,
+            b",".join(users),
+            max_text,
+            rate,
+            _ACCESS_JSON[access],
+            identity,
+            b"true" if op else b"false",
+            _strings_json(tuple(features)),
+            max_record,
+            last_id,
+            b"true" if gap else b"false",
+        )
     )
 
 
-def encode_message_parts(sender: bytes, text: bytes, ts: int) -> tuple[bytes, bytes]:
+def encode_message_parts(
+    sender: bytes, text: bytes, ts: int, action: bool = False
+) -> tuple[bytes, bytes]:
     """`message` around its id: the id is given under the server's lock, the rest is not."""
-    return b'{"type":"message","id":', b',"from":%s,"text":%s,"ts":%d}' % (sender, text, ts)
+    tail = _MESSAGE_TAIL_ACTION if action else _MESSAGE_TAIL
+    return b'{"type":"message","id":', tail % (sender, text, ts)
+
+
+_MESSAGE_TAIL = b',"from":%s,"text":%s,"ts":%d}'
+_MESSAGE_TAIL_ACTION = b',"from":%s,"text":%s,"ts":%d,"action":true}'
+
+
+def mark_history(entry: bytes) -> bytes:
+    """A kept `message` object as replayed after `welcome`: with "history": true (§6).
+
+    `entry` is one object as encode_message_parts built it (no trailing comma).
+    """
+    if not entry.endswith(b"}"):
+        raise ValueError("mark_history takes one encoded message object ending in '}'")
+    return entry[:-1] + b',"history":true}'
 
 
 def encode_direct(msg_id: int, sender: bytes, to: bytes, text: bytes, ts: int) -> bytes:
@@ -990,12 +1171,17 @@ def encode_direct(msg_id: int, sender: bytes, to: bytes, text: bytes, ts: int) -
     )
 
 
-def encode_joined(name: bytes) -> bytes:
-    return b'{"type":"joined","name":%s}' % name
+def encode_joined(name: bytes, identity_json: bytes = b"null") -> bytes:
+    """`joined`; `identity_json` is json_string(fingerprint) or b"null" (§5)."""
+    return b'{"type":"joined","name":%s,"identity":%s}' % (name, identity_json)
 
 
-def encode_left(name: bytes, reason: str) -> bytes:
-    return b'{"type":"left","name":%s,"reason":%s}' % (name, json_string(reason))
+def encode_left(name: bytes, reason: str, by: bytes | None = None) -> bytes:
+    """`left`; `by` is the operator's name in JSON (its name_json), only for kicks and bans."""
+    reason_json = _REASON_JSON.get(reason) or json_string(reason)
+    if by is None:
+        return b'{"type":"left","name":%s,"reason":%s}' % (name, reason_json)
+    return b'{"type":"left","name":%s,"reason":%s,"by":%s}' % (name, reason_json, by)
 
 
 def encode_users(names: list[bytes]) -> bytes:
@@ -1017,6 +1203,16 @@ class _Fields:
             raise ByeProtocol(f"server {self.kind} has a bad field {field!r}")
         return value
 
+    def optional(self, field: str, kind: type, default: Any) -> Any:
+        """A field a revision-1 server omits: absent is `default`; null is not absent."""
+        return self.get(field, kind) if field in self.obj else default
+
+    def nullable(self, field: str, kind: type) -> Any:
+        """A field that is present and either null or of `kind`."""
+        if self.obj.get(field, ...) is None:
+            return None
+        return self.get(field, kind)
+
     def strings(self, field: str) -> list[str]:
         values = self.get(field, list)
         if not all(isinstance(v, str) for v in values):
@@ -1024,12 +1220,59 @@ class _Fields:
         return values
 
 
+def _parse_welcome(f: _Fields) -> Welcome:
+    max_record = f.optional("max_record", int, MAX_RECORD_FRAME)
+    if not MIN_SERVER_RECORD_FRAME <= max_record <= MAX_RECORD_FRAME:  # §1
+        raise ByeProtocol(
+            f"server welcome max_record of {_shown_int(max_record)} is outside "
+            f"{MIN_SERVER_RECORD_FRAME}..{MAX_RECORD_FRAME}"
+        )
+    features = tuple(f.strings("features")) if "features" in f.obj else ()
+    return Welcome(
+        f.get("name", str),
+        f.strings("users"),
+        f.get("max_text", int),
+        f.get("rate", int),
+        access=f.optional("access", str, "open"),
+        identity=f.nullable("identity", str) if "identity" in f.obj else None,
+        op=f.optional("op", bool, False),
+        features=features,
+        max_record=max_record,
+        last_id=f.optional("last_id", int, 0),
+        gap=f.optional("gap", bool, False),
+    )
+
+
+def _parse_bans(f: _Fields) -> BanList:
+    entries = []
+    for item in f.get("bans", list):
+        if not isinstance(item, dict):
+            raise ByeProtocol("server bans holds an element that is not an object")
+        entry = _Fields({"type": "bans entry", **item})
+        entries.append(
+            BanEntry(
+                entry.get("who", str),
+                entry.nullable("until", int),
+                entry.get("by", str),
+                entry.nullable("reason", str),
+            )
+        )
+    return BanList(entries)
+
+
 def parse_server_message(obj: dict[str, Any]) -> ServerMessage:
     """Client side: validate one server message object; malformed is ByeProtocol."""
     f = _Fields(obj)
     kind = f.kind
     if kind == "message":
-        return Message(f.get("id", int), f.get("from", str), f.get("text", str), f.get("ts", int))
+        return Message(
+            f.get("id", int),
+            f.get("from", str),
+            f.get("text", str),
+            f.get("ts", int),
+            f.optional("action", bool, False),
+            f.optional("history", bool, False),
+        )
     if kind == "dm":
         return DirectMessage(
             f.get("id", int),
@@ -1039,13 +1282,12 @@ def parse_server_message(obj: dict[str, Any]) -> ServerMessage:
             f.get("ts", int),
         )
     if kind == "welcome":
-        return Welcome(
-            f.get("name", str), f.strings("users"), f.get("max_text", int), f.get("rate", int)
-        )
+        return _parse_welcome(f)
     if kind == "joined":
-        return Joined(f.get("name", str))
+        identity = f.nullable("identity", str) if "identity" in obj else None
+        return Joined(f.get("name", str), identity)
     if kind == "left":
-        return Left(f.get("name", str), f.get("reason", str))
+        return Left(f.get("name", str), f.get("reason", str), f.optional("by", str, None))
     if kind == "users":
         return Users(f.strings("names"))
     if kind == "pong":
@@ -1053,5 +1295,19 @@ def parse_server_message(obj: dict[str, Any]) -> ServerMessage:
     if kind == "error":
         return Error(f.get("code", str), f.get("message", str))
     if kind == "bye":
-        return Bye(f.get("reason", str))
+        return Bye(
+            f.get("reason", str), f.optional("by", str, None), f.optional("message", str, None)
+        )
+    if kind == "bans":
+        return _parse_bans(f)
+    if kind == "muted":
+        return Muted(f.get("by", str), f.nullable("until", int), f.optional("name", str, None))
+    if kind == "whois":
+        return WhoisInfo(
+            f.get("name", str),
+            f.nullable("identity", str),
+            f.get("op", bool),
+            f.get("since", int),
+            f.optional("address", str, None),
+        )
     return Unknown(kind)

@@ -1112,11 +1112,47 @@ def test_name_key_casefolds_after_nfkc():
 
 # --- §4 server -> client messages ---
 
+FP = "SHA256:" + "A" * 43
+WELCOME1 = {"type": "welcome", "name": "a", "users": [], "max_text": 1, "rate": 1}
+MESSAGE1 = {"type": "message", "id": 1, "from": "a", "text": "t", "ts": 1}
 SERVER_ROUND_TRIPS = [
     (
         p.welcome("bob", ["carol", "Alice", "émile", "Zed", "太郎"], 16384, 10),
-        p.Welcome("bob", ["Alice", "Zed", "carol", "émile", "太郎"], 16384, 10),
+        p.Welcome(
+            "bob", ["Alice", "Zed", "carol", "émile", "太郎"], 16384, 10, features=p.FEATURES
+        ),
     ),
+    (
+        p.welcome(
+            "al",
+            [],
+            99,
+            0,
+            access="allowlist",
+            identity=FP,
+            op=True,
+            features=("history",),
+            max_record=65536,
+            last_id=41,
+            gap=True,
+        ),
+        p.Welcome("al", [], 99, 0, "allowlist", FP, True, ("history",), 65536, 41, True),
+    ),
+    (p.message(3, "al", "waves", 7, action=True), p.Message(3, "al", "waves", 7, action=True)),
+    (p.message(4, "al", "old", 8, history=True), p.Message(4, "al", "old", 8, history=True)),
+    (p.joined("bo", FP), p.Joined("bo", FP)),
+    (p.left("bo", "kicked", by="op"), p.Left("bo", "kicked", "op")),
+    (p.bye("banned", by="op", message="spam"), p.Bye("banned", "op", "spam")),
+    (p.bye("kicked", by="op"), p.Bye("kicked", "op")),
+    (
+        p.bans([p.ban_entry("b", 5, "op", None), p.ban_entry("A", None, "op", "x")]),
+        p.BanList([p.BanEntry("A", None, "op", "x"), p.BanEntry("b", 5, "op", None)]),
+    ),
+    (p.bans([]), p.BanList([])),
+    (p.muted("op", 1234), p.Muted("op", 1234)),
+    (p.muted("op", None, name="bo"), p.Muted("op", None, "bo")),
+    (p.whois("bo", FP, False, 77), p.WhoisInfo("bo", FP, False, 77)),
+    (p.whois("bo", None, True, 77, "::1"), p.WhoisInfo("bo", None, True, 77, "::1")),
     (
         p.message(1, "alice", "hi 😀", 1_700_000_000_000),
         p.Message(1, "alice", "hi 😀", 1_700_000_000_000),
@@ -1150,10 +1186,69 @@ def test_server_message_wire_bytes():
         b'{"type":"dm","id":2,"from":"al","to":"bo","text":"x","ts":6}'
     )
     assert p.encode_message(p.welcome("bo", ["z", "a"], 100, 0)) == (
-        b'{"type":"welcome","name":"bo","users":["a","z"],"max_text":100,"rate":0}'
+        b'{"type":"welcome","name":"bo","users":["a","z"],"max_text":100,"rate":0,'
+        b'"access":"open","identity":null,"op":false,'
+        b'"features":["identity","moderation","history","action"],'
+        b'"max_record":1048576,"last_id":0,"gap":false}'
     )
     assert p.encode_message(p.pong(None)) == b'{"type":"pong","id":null}'
     assert p.encode_message(p.left("al", "slow")) == b'{"type":"left","name":"al","reason":"slow"}'
+
+
+def test_revision_2_server_message_wire_bytes():
+    """§5, §6: optional fields (action, history, by, message, name, address) appear only
+    when set; joined always carries identity (null without one)."""
+    enc = p.encode_message
+    assert enc(p.message(1, "al", "hi", 5, action=True)) == (
+        b'{"type":"message","id":1,"from":"al","text":"hi","ts":5,"action":true}'
+    )
+    assert enc(p.message(1, "al", "hi", 5, action=True, history=True)) == (
+        b'{"type":"message","id":1,"from":"al","text":"hi","ts":5,"action":true,"history":true}'
+    )
+    assert enc(p.joined("al")) == b'{"type":"joined","name":"al","identity":null}'
+    assert enc(p.left("al", "kicked", "op")) == (
+        b'{"type":"left","name":"al","reason":"kicked","by":"op"}'
+    )
+    assert enc(p.bye("leave")) == b'{"type":"bye","reason":"leave"}'
+    assert enc(p.bye("banned", "op", "spam")) == (
+        b'{"type":"bye","reason":"banned","by":"op","message":"spam"}'
+    )
+    assert enc(p.bans([p.ban_entry("1.2.3.4", None, "op", None)])) == (
+        b'{"type":"bans","bans":[{"who":"1.2.3.4","until":null,"by":"op","reason":null}]}'
+    )
+    assert enc(p.muted("op", 9)) == b'{"type":"muted","by":"op","until":9}'
+    assert enc(p.muted("op", None, "al")) == b'{"type":"muted","by":"op","until":null,"name":"al"}'
+    assert enc(p.whois("al", None, False, 3)) == (
+        b'{"type":"whois","name":"al","identity":null,"op":false,"since":3}'
+    )
+    assert json.loads(enc(p.whois("al", None, False, 3, "10.0.0.1")))["address"] == "10.0.0.1"
+
+
+def test_bans_sorted_by_who():
+    """§5: bans lists its entries sorted by who (code point order)."""
+    entries = [p.ban_entry(w, None, "op", None) for w in ["b", "SHA256:x", "10.0.0.2", "::1", "B"]]
+    listed = [e["who"] for e in p.bans(entries)["bans"]]
+    assert listed == ["10.0.0.2", "::1", "B", "SHA256:x", "b"]
+
+
+def test_revision_1_welcome_gets_defaults():
+    """§5, §6 (client side): a revision-1 server's welcome, without the new fields, parses
+    with access open, no identity, not op, no features, R = 1 MiB, last_id 0, no gap."""
+    obj = {"type": "welcome", "name": "al", "users": ["bo"], "max_text": 10, "rate": 3}
+    assert p.parse_server_message(obj) == p.Welcome(
+        "al", ["bo"], 10, 3, "open", None, False, (), 1_048_576, 0, False
+    )
+    old_message = {"type": "message", "id": 1, "from": "a", "text": "t", "ts": 1}
+    assert p.parse_server_message(old_message) == p.Message(1, "a", "t", 1, False, False)
+    assert p.parse_server_message({"type": "joined", "name": "a"}) == p.Joined("a", None)
+    assert p.parse_server_message({"type": "bye", "reason": "leave"}) == p.Bye("leave")
+
+
+@pytest.mark.parametrize("max_record", [65_536, 1_048_576, 100_000])
+def test_welcome_max_record_in_range(max_record: int):
+    """§1: the server's R is 65536..1048576, announced in welcome.max_record."""
+    obj = p.welcome("al", [], 1, 1, max_record=max_record)
+    assert p.parse_server_message(obj).max_record == max_record
 
 
 def test_welcome_and_users_sorted_by_code_point():
@@ -1189,6 +1284,49 @@ def test_welcome_and_users_sorted_by_code_point():
         {"type": "error", "code": "x"},
         {"type": "error", "code": 1, "message": "m"},
         {"type": "bye", "reason": None},
+        # revision 2: a wrongly typed optional field, null included, is not "absent"
+        {**WELCOME1, "access": None},
+        {**WELCOME1, "access": 1},
+        {**WELCOME1, "identity": 5},
+        {**WELCOME1, "op": None},
+        {**WELCOME1, "op": 1},
+        {**WELCOME1, "features": None},
+        {**WELCOME1, "features": "history"},
+        {**WELCOME1, "features": [1]},
+        {**WELCOME1, "max_record": None},
+        {**WELCOME1, "max_record": True},
+        {**WELCOME1, "max_record": 65_535},
+        {**WELCOME1, "max_record": 1_048_577},
+        {**WELCOME1, "max_record": 0},
+        {**WELCOME1, "last_id": None},
+        {**WELCOME1, "last_id": "3"},
+        {**WELCOME1, "gap": None},
+        {**WELCOME1, "gap": 0},
+        {**MESSAGE1, "action": None},
+        {**MESSAGE1, "action": 1},
+        {**MESSAGE1, "history": "true"},
+        {"type": "joined", "name": "a", "identity": 1},
+        {"type": "left", "name": "a", "reason": "kicked", "by": None},
+        {"type": "left", "name": "a", "reason": "kicked", "by": 1},
+        {"type": "bye", "reason": "kicked", "by": None},
+        {"type": "bye", "reason": "kicked", "message": 5},
+        {"type": "bans"},
+        {"type": "bans", "bans": None},
+        {"type": "bans", "bans": [None]},
+        {"type": "bans", "bans": ["x"]},
+        {"type": "bans", "bans": [{"who": "x", "until": None, "by": "op"}]},
+        {"type": "bans", "bans": [{"who": "x", "by": "op", "reason": None}]},
+        {"type": "bans", "bans": [{"who": 1, "until": None, "by": "op", "reason": None}]},
+        {"type": "bans", "bans": [{"who": "x", "until": "1", "by": "op", "reason": None}]},
+        {"type": "bans", "bans": [{"who": "x", "until": None, "by": None, "reason": None}]},
+        {"type": "muted", "by": "op"},
+        {"type": "muted", "until": 5},
+        {"type": "muted", "by": "op", "until": True},
+        {"type": "muted", "by": "op", "until": 5, "name": None},
+        {"type": "whois", "name": "a", "identity": None, "op": False},
+        {"type": "whois", "name": "a", "op": False, "since": 1},
+        {"type": "whois", "name": "a", "identity": None, "op": 0, "since": 1},
+        {"type": "whois", "name": "a", "identity": None, "op": False, "since": 1, "address": None},
     ],
 )
 def test_server_message_bad_field_is_bye_protocol(obj: dict[str, Any]):
@@ -1270,7 +1408,15 @@ CLIENT_MESSAGES = st.fixed_dictionaries(
 SERVER_MESSAGES = st.one_of(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["message", "dm"])},
-        optional={"id": INTS, "from": TEXTS, "to": TEXTS, "text": TEXTS, "ts": INTS},
+        optional={
+            "id": INTS,
+            "from": TEXTS,
+            "to": TEXTS,
+            "text": TEXTS,
+            "ts": INTS,
+            "action": JSON_SCALARS,
+            "history": JSON_SCALARS,
+        },
     ),
     st.fixed_dictionaries(
         {"type": st.just("welcome")},
@@ -1279,10 +1425,22 @@ SERVER_MESSAGES = st.one_of(
             "users": st.lists(TEXTS, max_size=3) | JSON_VALUES,
             "max_text": INTS,
             "rate": INTS,
+            "access": TEXTS,
+            "identity": TEXTS,
+            "op": JSON_SCALARS,
+            "features": st.lists(TEXTS, max_size=3) | JSON_VALUES,
+            "max_record": st.integers(65_535, 1_048_577) | INTS,
+            "last_id": INTS,
+            "gap": JSON_SCALARS,
         },
     ),
     st.fixed_dictionaries(
-        {"type": st.sampled_from(["joined", "left", "users", "pong", "error", "bye"]) | ANY_TYPE},
+        {
+            "type": st.sampled_from(
+                ["joined", "left", "users", "pong", "error", "bye", "muted", "whois"]
+            )
+            | ANY_TYPE
+        },
         optional={
             "name": TEXTS,
             "reason": TEXTS,
@@ -1290,6 +1448,26 @@ SERVER_MESSAGES = st.one_of(
             "id": JSON_VALUES,
             "code": TEXTS,
             "message": TEXTS,
+            "identity": TEXTS,
+            "by": TEXTS,
+            "until": INTS,
+            "op": JSON_SCALARS,
+            "since": INTS,
+            "address": TEXTS,
+        },
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("bans")},
+        optional={
+            "bans": st.lists(
+                st.fixed_dictionaries(
+                    {},
+                    optional={"who": TEXTS, "until": INTS, "by": TEXTS, "reason": TEXTS},
+                )
+                | JSON_VALUES,
+                max_size=3,
+            )
+            | JSON_VALUES
         },
     ),
 )
@@ -1420,23 +1598,99 @@ _ints = st.integers(0, 2**53)
 
 
 @settings(max_examples=200)
-@given(name=_texts, others=_names, text=_texts, to=_texts, msg_id=_ints, ts=_ints)
+@given(
+    name=_texts,
+    others=_names,
+    text=_texts,
+    to=_texts,
+    msg_id=_ints,
+    ts=_ints,
+    identity=st.none() | _texts,
+    by=st.none() | _texts,
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    access=st.sampled_from(p.ACCESS_MODES),
+    features=st.lists(st.sampled_from(p.FEATURES), unique=True).map(tuple),
+    max_record=st.integers(65_536, 1_048_576),
+)
 def test_byte_builders_equal_encode_message_of_the_dict_builders(
-    name: str, others: list[str], text: str, to: str, msg_id: int, ts: int
+    name: str,
+    others: list[str],
+    text: str,
+    to: str,
+    msg_id: int,
+    ts: int,
+    identity: str | None,
+    by: str | None,
+    flags: tuple[bool, bool, bool],
+    access: str,
+    features: tuple[str, ...],
+    max_record: int,
 ) -> None:
     """The server writes these messages with the byte builders: any drift from the
-    dict builders (field order, spacing, escaping) fails here."""
+    dict builders (field order, spacing, escaping, optional fields) fails here."""
     js = p.json_string
+    op, gap, action = flags
+    id_json = b"null" if identity is None else js(identity)
     ordered = sorted(others)  # the server keeps its list in this order
     assert p.encode_welcome(js(name), [js(n) for n in ordered], 4096, 10) == p.encode_message(
         p.welcome(name, others, 4096, 10)
     )
+    assert p.encode_welcome(
+        js(name),
+        [js(n) for n in ordered],
+        16384,
+        0,
+        access=access,
+        identity=id_json,
+        op=op,
+        features=features,
+        max_record=max_record,
+        last_id=msg_id,
+        gap=gap,
+    ) == p.encode_message(
+        p.welcome(
+            name,
+            others,
+            16384,
+            0,
+            access=access,
+            identity=identity,
+            op=op,
+            features=features,
+            max_record=max_record,
+            last_id=msg_id,
+            gap=gap,
+        )
+    )
     head, tail = p.encode_message_parts(js(name), js(text), ts)
     assert b"%s%d%s" % (head, msg_id, tail) == p.encode_message(p.message(msg_id, name, text, ts))
+    head, tail = p.encode_message_parts(js(name), js(text), ts, action=action)
+    kept = b"%s%d%s" % (head, msg_id, tail)
+    assert kept == p.encode_message(p.message(msg_id, name, text, ts, action=action))
+    assert p.mark_history(kept) == p.encode_message(
+        p.message(msg_id, name, text, ts, action=action, history=True)
+    )
     assert p.encode_direct(msg_id, js(name), js(to), js(text), ts) == p.encode_message(
         p.direct(msg_id, name, to, text, ts)
     )
     assert p.encode_joined(js(name)) == p.encode_message(p.joined(name))
-    for reason in ("leave", "disconnect", "timeout", "protocol", "slow"):
+    assert p.encode_joined(js(name), id_json) == p.encode_message(p.joined(name, identity))
+    for reason in p.LEAVE_REASONS:
         assert p.encode_left(js(name), reason) == p.encode_message(p.left(name, reason))
+        by_json = None if by is None else js(by)
+        assert p.encode_left(js(name), reason, by_json) == p.encode_message(
+            p.left(name, reason, by)
+        )
+    assert p.encode_left(js(name), to) == p.encode_message(p.left(name, to))  # any reason
     assert p.encode_users([js(n) for n in ordered]) == p.encode_message(p.users(others))
+
+
+def test_mark_history_takes_one_object():
+    """§6: mark_history adds "history": true to one stored message object, and refuses
+    anything else (a batch's trailing comma) instead of writing bad JSON."""
+    head, tail = p.encode_message_parts(b'"al"', b'"hi"', 5)
+    entry = head + b"7" + tail
+    assert json.loads(p.mark_history(entry)) == {**json.loads(entry), "history": True}
+    assert p.parse_server_message(json.loads(p.mark_history(entry))).history
+    with pytest.raises(ValueError):
+        p.mark_history(entry + b",")
