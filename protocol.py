@@ -1,4 +1,4 @@
-"""bcast/1 without I/O: frames, handshake messages and record plaintexts (PROTOCOL.md).
+"""bcast/1 without I/O: frames, handshake messages and record plaintexts (PROTOCOL.md, rev. 2).
 
 Bytes go in, validated messages come out; nothing here touches a socket, a
 thread, the clock or a cipher, so all of it can be unit-tested and fuzzed alone.
@@ -375,6 +375,35 @@ def encode_message(obj: dict[str, Any]) -> bytes:
 def join_record(encoded: list[bytes]) -> bytes:
     """Several encoded messages as one record plaintext (a JSON array)."""
     return b"[" + b",".join(encoded) + b"]"
+
+
+def pack_records(
+    encoded: list[bytes],
+    max_plaintext: int,
+    max_messages: int = MAX_CLIENT_RECORD_MESSAGES,
+) -> list[bytes]:
+    """Client side: encoded messages as few record plaintexts as fit, in order (§1, §3).
+
+    Each holds at most `max_messages` messages and `max_plaintext` bytes
+    (welcome.max_record - TAG_BYTES). A message that cannot fit alone is a
+    ValueError: the caller must not send it.
+    """
+    records: list[bytes] = []
+    batch: list[bytes] = []
+    size = 1  # the closing bracket; each message adds its length and one '[' or ','
+    for item in encoded:
+        if len(item) + 2 > max_plaintext:
+            raise ValueError(
+                f"a message of {len(item)} bytes does not fit a record of {max_plaintext}"
+            )
+        if batch and (len(batch) == max_messages or size + len(item) + 1 > max_plaintext):
+            records.append(join_record(batch))
+            batch, size = [], 1
+        batch.append(item)
+        size += len(item) + 1
+    if batch:
+        records.append(join_record(batch))
+    return records
 
 
 # --- §4 names and text ---

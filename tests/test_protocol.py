@@ -470,6 +470,38 @@ def test_server_records_are_not_limited_on_the_client():
         p.decode_record(b"[]", max_messages=None)  # the other checks still apply
 
 
+@FUZZ
+@given(
+    sizes=st.lists(st.integers(0, 250), max_size=200),  # messages of 28..278 bytes
+    max_plaintext=st.integers(302, 2000),
+    max_messages=st.integers(1, 70),
+)
+def test_pack_records_keeps_every_record_within_the_limits(
+    sizes: list[int], max_plaintext: int, max_messages: int
+):
+    """§1, §3 (rev. 2): a client splits a batch so that every record fits welcome.max_record
+    and holds at most 64 messages; all messages arrive, in order; a record is full when
+    the next message would not fit."""
+    encoded = [p.encode_message({"type": "say", "text": "x" * n}) for n in sizes]
+    records = p.pack_records(encoded, max_plaintext, max_messages)
+    decoded = [obj for rec in records for obj in p.decode_record(rec, max_messages)]
+    assert decoded == [json.loads(e) for e in encoded]
+    for rec, nxt in zip(records, records[1:]):
+        assert len(rec) <= max_plaintext
+        count = len(p.decode_record(rec, None))
+        first_of_next = p.encode_message(p.decode_record(nxt, None)[0])
+        assert count == max_messages or len(rec) + 1 + len(first_of_next) > max_plaintext
+    assert all(len(rec) <= max_plaintext for rec in records)
+
+
+def test_pack_records_refuses_a_message_too_big_alone():
+    """§1: a message that cannot fit one record on its own is not sent (ValueError)."""
+    assert p.pack_records([b"x" * 98], 100) == [b"[" + b"x" * 98 + b"]"]
+    with pytest.raises(ValueError, match="99 bytes"):
+        p.pack_records([b"x" * 99], 100)
+    assert p.pack_records([], 100) == []
+
+
 def test_join_record_makes_an_array():
     """§3: several encoded messages batched into one record decode in order."""
     parts = [p.encode_message({"type": "who"}), p.encode_message({"type": "ping", "id": 3})]
