@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pexpect
 import pytest
 from refpeer import connect_and_join
-from test_client import CLIENT, FakeConn, FakeServer, T, client_env
+from test_client import CLIENT, FakeConn, FakeServer, T, client_env, event
 
 import protocol
 
@@ -126,7 +126,7 @@ def chat(run_server, tmp_path: Path):
         bob, _ = connect_and_join(host, port, "bob")
         child, screen = spawn(tmp_path, port, "--name", "alice")
         child.expect("exit to leave")
-        assert bob.recv(T) == {"type": "joined", "name": "alice"}
+        assert event(bob.recv(T)) == ("joined", "alice")
         yield SimpleNamespace(srv=srv, bob=bob, child=child, screen=screen)
         child.close(force=True)
         bob.close()
@@ -168,7 +168,7 @@ def test_leaving_exits_0(chat, keys: str) -> None:
     bob, child, screen = chat.bob, chat.child, chat.screen
     child.send(keys)
     assert finish(child) == 0
-    assert bob.recv(T) == {"type": "left", "name": "alice", "reason": "leave"}
+    assert event(bob.recv(T)) == ("left", "alice", "leave")
     assert "Traceback" not in "\n".join(screen.lines())
 
 
@@ -266,8 +266,8 @@ def test_name_is_asked_and_asked_again_after_refusals(run_server, tmp_path: Path
         child.send("exit\r")
         assert finish(child) == 0
         # The refused attempts never joined: bob sees carol only.
-        assert bob.recv(T) == {"type": "joined", "name": "carol"}
-        assert bob.recv(T) == {"type": "left", "name": "carol", "reason": "leave"}
+        assert event(bob.recv(T)) == ("joined", "carol")
+        assert event(bob.recv(T)) == ("left", "carol", "leave")
         bob.close()
 
 
@@ -301,11 +301,11 @@ def test_plain_fallback_without_readline(chat, tmp_path: Path) -> None:
         dimensions=(ROWS, COLS),
     )
     child.expect("exit to leave")
-    assert bob.recv(T) == {"type": "joined", "name": "dave"}
+    assert event(bob.recv(T)) == ("joined", "dave")
     bob.send({"type": "say", "text": "hello dave"})
     child.expect("hello dave")
     child.send("hi bob\r")
     assert bob.recv(T)["text"] == "hi bob"
     child.send("exit\r")
     assert finish(child) == 0
-    assert bob.recv(T) == {"type": "left", "name": "dave", "reason": "leave"}
+    assert event(bob.recv(T)) == ("left", "dave", "leave")
