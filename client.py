@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from crypto_utils import CryptoError, RecordCipher, client_keys, fingerprint
 from protocol import (
     MAX_HANDSHAKE_FRAME,
     MAX_RECORD_FRAME,
@@ -68,6 +67,21 @@ from protocol import (
     utf8_size,
     valid_name,
 )
+
+# The one third-party package (pycryptodome, imported by crypto_utils): a terminal without
+# the venv gets one sentence saying what to do instead of a ModuleNotFoundError traceback.
+MISSING_CRYPTO = (
+    "client.py: the Python package pycryptodome is missing ({why}); install it with "
+    "`python3 -m pip install -r requirements.txt`, or use the project's venv: "
+    "`. .venv/bin/activate` in each new terminal, or run `.venv/bin/python client.py`\n"
+)
+try:
+    from crypto_utils import CryptoError, RecordCipher, client_keys, fingerprint
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] != "Crypto":
+        raise
+    sys.stderr.write(MISSING_CRYPTO.format(why=f"no module named {exc.name!r}"))
+    sys.exit(2)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12345

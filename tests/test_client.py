@@ -866,3 +866,24 @@ def test_default_known_hosts_folders_are_created(run_server, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "config" / "bcast"
     assert (folder / "known_hosts").is_file() and folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_missing_pycryptodome_is_one_sentence_exit_2(tmp_path: Path) -> None:
+    """Issue 15 bug 9: without the venv, no ModuleNotFoundError traceback: one sentence saying
+    what to install and how, exit 2."""
+    no_crypto = (
+        "import runpy, sys; sys.modules['Crypto'] = None; "
+        "sys.argv = ['client.py', '--name', 'ana']; "
+        f"runpy.run_path({str(CLIENT)!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", no_crypto],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        env=client_env(tmp_path),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "pycryptodome" in done.stderr and "requirements.txt" in done.stderr
+    assert ".venv/bin/python" in done.stderr
