@@ -53,8 +53,7 @@ def wait_settled(srv: Any, timeout: float = 5.0) -> None:
     """Wait until the server holds no connection and runs no per-connection thread."""
     deadline = time.monotonic() + timeout
     while True:
-        with srv.hub.lock:
-            conns = len(srv.hub.conns)
+        conns = srv.hub.open_connections()
         threads = server_threads()
         if conns == 0 and not threads:
             return
@@ -86,7 +85,7 @@ def assert_honest_pair_chats(addr: tuple[str, int]) -> None:
     alice, _ = connect_and_join(*addr, "alice")
     bob, _ = connect_and_join(*addr, "bob")
     with alice, bob:
-        assert alice.recv(5) == {"type": "joined", "name": "bob"}
+        assert alice.recv(5) == {"type": "joined", "name": "bob", "identity": None}
         alice.send({"type": "say", "text": "still works"})
         got = bob.recv(5)
         assert (got["type"], got["from"], got["text"]) == ("message", "alice", "still works")

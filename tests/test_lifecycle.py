@@ -169,7 +169,7 @@ def test_signal_byes_keyed_closes_others_exits_zero(spawn_server, sig: signal.Si
     with spawn_server("--handshake-timeout", LONG, "--idle-timeout", LONG) as (proc, host, port, _):
         alice, _ = connect_and_join(host, port, "alice")
         bob, _ = connect_and_join(host, port, "bob")
-        assert alice.recv(5) == {"type": "joined", "name": "bob"}
+        assert alice.recv(5) == {"type": "joined", "name": "bob", "identity": None}
         keyed_only = RefPeer.connect(host, port)  # sent `key`, never joined
         keyed_only.send({"type": "ping", "id": "keyed"})
         assert keyed_only.recv(5) == {"type": "pong", "id": "keyed"}
@@ -321,7 +321,7 @@ def test_vanishing_peer_removed_once_logged_once(vanish_server, setup: str, endi
     sock, joined = SETUPS[setup](("127.0.0.1", port), name)
     address = f"127.0.0.1:{sock.getsockname()[1]}"
     if joined:
-        assert alice.recv(5) == {"type": "joined", "name": name}
+        assert alice.recv(5) == {"type": "joined", "name": name, "identity": None}
     ENDINGS[ending](sock)
     try:
         if joined:
@@ -399,8 +399,7 @@ def test_threads_and_fds_return_after_churn(run_server) -> None:
             wait_until(lambda: open_fds() <= fds, 5, f"{fds} open fds")
             alice.send({"type": "who"})
             assert alice.recv_until("users", 5)[0]["names"] == ["alice"]
-            with srv.hub.lock:
-                assert len(srv.hub.conns) == 1
+            assert srv.hub.open_connections() == 1
 
 
 # --- logging ------------------------------------------------------------------------------------
@@ -420,7 +419,7 @@ def test_logging_events_at_info_never_text_or_keys(run_server, caplog) -> None:
             assert alice.join("alice")["type"] == "welcome"
             bob, _ = connect_and_join(*srv.address, "bob")
             with bob:
-                assert alice.recv(5) == {"type": "joined", "name": "bob"}
+                assert alice.recv(5) == {"type": "joined", "name": "bob", "identity": None}
                 alice.send(
                     {"type": "say", "text": marker}, {"type": "dm", "to": "bob", "text": dm_marker}
                 )
@@ -433,7 +432,7 @@ def test_logging_events_at_info_never_text_or_keys(run_server, caplog) -> None:
                     assert carol.wait_closed(PROMPT_S) == []
                 assert alice.recv_until("left", 5)[0]["name"] == "carol"
                 # a refusal: a third connection fills the server, a fourth is refused
-                wait_until(lambda: len(srv.hub.conns) == 2, PROMPT_S, "carol's slot freed")
+                wait_until(lambda: srv.hub.open_connections() == 2, PROMPT_S, "carol's slot freed")
                 filler, _ = open_raw(srv.address)
                 with filler:
                     extra, refusal = open_raw(srv.address)

@@ -13,7 +13,7 @@ def test_broadcast_dm_who_ping_leave(run_server) -> None:
         assert welcome["users"] == []
         bob, welcome = connect_and_join(host, port, "Bob")
         assert welcome["users"] == ["alice"]
-        assert alice.recv(5) == {"type": "joined", "name": "Bob"}
+        assert alice.recv(5) == {"type": "joined", "name": "Bob", "identity": None}
         alice.send({"type": "say", "text": "hi"}, {"type": "dm", "to": "BOB", "text": "psst"})
         got = bob.recv(5)
         assert (got["type"], got["from"], got["text"]) == ("message", "alice", "hi")

@@ -107,7 +107,9 @@ def join_everyone(host: str, port: int) -> list[Client]:
         clients.append(Client(name, peer, says))
     for i, client in enumerate(clients):
         later = [client.peer.recv(RECV_S) for _ in range(i + 1, CLIENTS)]
-        assert later == [{"type": "joined", "name": c.name} for c in clients[i + 1 :]]
+        assert later == [
+            {"type": "joined", "name": c.name, "identity": None} for c in clients[i + 1 :]
+        ]
     assert sum(c.leaver for c in clients) == LEAVERS
     return clients
 
