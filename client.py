@@ -710,6 +710,8 @@ class ChatUI:
         self.style = style
         self.read: Callable[[], str] = editor
         self.lost: ConnectionLost | None = None
+        self.lines = 0  # non-empty lines read (pipe mode counts what was not delivered)
+        self.undelivered = 0  # refused here, or answered by an error (display thread)
         self._lock = threading.Lock()  # guards `lost` and `_leaving` (main vs display thread)
         self._leaving = False  # set once main leaves or ends: no more wake-ups
         self._waiting = False  # main thread blocked in read(); only main touches it
@@ -753,9 +755,12 @@ class ChatUI:
             if self.lost is not None:
                 raise self.lost
             self.session.leave()
-            self._display.join(BYE_WAIT_S)
+            self._display.join(BYE_WAIT_S)  # every error comes before the server's bye
             if self.out.interactive:
                 self.status("left")
+            elif min(self.undelivered, self.lines):  # errors answer lines: a stray one is not
+                failed = min(self.undelivered, self.lines)
+                raise ClientError(f"{failed} of {self.lines} lines were not delivered")
             return EXIT_OK
         finally:
             with self._lock:
@@ -791,7 +796,10 @@ class ChatUI:
         kind = cmd[0]
         if kind == "quit":
             return False
+        if kind != "skip":
+            self.lines += 1
         if kind == "hint":
+            self.undelivered += 1
             self.status(cmd[1])
         elif kind == "help":
             for row in HELP.splitlines():
@@ -802,6 +810,8 @@ class ChatUI:
             text = cmd[-1]
             size = utf8_size(text)
             problem = text_problem(text)
+            if size > self.max_text or problem:
+                self.undelivered += 1
             if size > self.max_text:
                 self.status(
                     f"not sent: {size} bytes, the server takes at most {self.max_text}; "
@@ -820,6 +830,8 @@ class ChatUI:
             except ConnectionLost as exc:
                 self._wake_main(exc)
                 return
+            if isinstance(msg, Error):
+                self.undelivered += 1
             shown = self.style.format(msg)
             if shown:
                 self.out.show(*shown)

@@ -688,7 +688,7 @@ def test_pipe_mode_sends_lines_and_leaves_at_eof(run_server, tmp_path: Path) -> 
             "alice",
             stdin="one\r\n/msg bob two\n\n@bob three\n/who\n/bogus\nlast",
         )
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 1, done.stderr  # /bogus was not delivered
         assert event(peer.recv(T)) == ("joined", "alice")
         got = [peer.recv(T) for _ in range(4)]
         assert [(m["type"], m.get("text")) for m in got] == [
@@ -701,6 +701,7 @@ def test_pipe_mode_sends_lines_and_leaves_at_eof(run_server, tmp_path: Path) -> 
         peer.close()
     assert done.stdout.splitlines()[-1].endswith("here (2): alice, bob")
     assert "unknown command /bogus" in done.stderr
+    assert done.stderr.endswith("client.py: 1 of 6 lines were not delivered\n")
     assert "\x1b" not in done.stdout + done.stderr  # no colours in a pipe
     known = (tmp_path / "config" / "bcast" / "known_hosts").read_text()
     assert known == f"127.0.0.1:{port} {srv.fingerprint}\n"
@@ -766,7 +767,7 @@ def test_too_long_line_is_refused_locally(run_server, tmp_path: Path) -> None:
         assert peer.recv(T)["type"] == "joined"
         assert peer.recv(T)["text"] == "short"
         peer.close()
-    assert done.returncode == 0
+    assert done.returncode == 1
     assert "not sent: 11 bytes, the server takes at most 10" in done.stderr
     assert "(too_long)" not in done.stderr
 
@@ -887,3 +888,28 @@ def test_missing_pycryptodome_is_one_sentence_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "pycryptodome" in done.stderr and "requirements.txt" in done.stderr
     assert ".venv/bin/python" in done.stderr
+
+
+def test_pipe_mode_exits_1_when_lines_were_not_delivered(run_server, tmp_path: Path) -> None:
+    """Issue 15 bug 4: lines refused by the server (unknown user) or before sending (a control
+    character, too long) make the run exit 1, with the count on standard error."""
+    with run_server(rate=0, max_text=20) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        lines = ["fine", "/msg nobody hello", "bell \x07 here", "x" * 21, "also fine"]
+        done = pipe_client(tmp_path, port, "--name", "ana", stdin="\n".join(lines) + "\n")
+        assert event(peer.recv(T)) == ("joined", "ana")
+        assert [peer.recv(T)["text"] for _ in range(2)] == ["fine", "also fine"]
+        peer.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("client.py: 3 of 5 lines were not delivered")
+
+
+def test_pipe_mode_exits_0_when_every_line_was_delivered(run_server, tmp_path: Path) -> None:
+    """Issue 15 bug 4: the other side of the rule: all delivered, exit 0, nothing counted."""
+    with run_server(rate=0) as srv:
+        peer, _ = connect_and_join(*srv.address, "bob")
+        done = pipe_client(tmp_path, srv.address[1], "--name", "ana", stdin="a\n/msg bob b\n")
+        peer.close()
+    assert done.returncode == 0, done.stderr
+    assert "not delivered" not in done.stderr
