@@ -20,9 +20,11 @@ import contextlib
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -636,8 +638,34 @@ class Output:
     def __init__(self, interactive: bool):
         self.interactive = interactive
         self.editor: LineEditor | None = None
+        self.on_closed: Callable[[], None] = lambda: None  # stdout gone: the UI leaves
         self._lock = threading.Lock()  # guards the terminal and `_prompting`
         self._prompting = False
+
+    def stdout_closed(self) -> None:
+        """Standard output is gone (`| head` exited): point it at /dev/null, then leave."""
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        self.on_closed()
+
+    def watch_stdout(self) -> None:
+        """Notice a closed pipe at once, even when nothing more is to be written (poll's
+        POLLERR on a pipe whose reader is gone; POLLHUP on a socket)."""
+        try:
+            mode = os.fstat(sys.stdout.fileno()).st_mode
+        except (OSError, ValueError):
+            return
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return
+
+        def watch() -> None:
+            poller = select.poll()
+            poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+            with contextlib.suppress(OSError, ValueError):
+                if poller.poll():
+                    self.stdout_closed()
+
+        threading.Thread(target=watch, name="bcast-stdout-watch", daemon=True).start()
 
     def set_prompting(self, value: bool) -> None:
         with self._lock:
@@ -645,6 +673,7 @@ class Output:
 
     def show(self, line: str, status: bool = False) -> None:
         """Print one line above the input line; pipes get status lines on stderr."""
+        closed = False
         with self._lock:
             stream = sys.stderr if status and not self.interactive else sys.stdout
             try:
@@ -655,11 +684,12 @@ class Output:
                 else:
                     stream.write(line + "\n")
                 stream.flush()
-            except BrokenPipeError:  # stdout closed (`| head`): go on quietly, exit cleanly
-                with contextlib.suppress(OSError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except BrokenPipeError:  # stdout closed (`| head`): leave, exit cleanly
+                closed = True
             except (OSError, ValueError):
                 pass  # a broken terminal must not take the session down
+        if closed:
+            threading.Thread(target=self.stdout_closed, daemon=True).start()
 
 
 # --- commands ---
@@ -728,6 +758,9 @@ class ChatUI:
             self.status("type /help for commands, exit to leave")
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            self.out.on_closed = lambda: self._wake_main(None)
+            if not self.out.interactive:
+                self.out.watch_stdout()
             self.session.start()
             self._display.start()
             while not self._interrupted and self.lost is None:
@@ -768,8 +801,9 @@ class ChatUI:
             self.session.close()
             signal.signal(signal.SIGINT, previous)
 
-    def _wake_main(self, exc: ConnectionLost) -> None:
-        """Interrupt the main thread's input() (readline then restores the terminal).
+    def _wake_main(self, exc: ConnectionLost | None) -> None:
+        """Interrupt the main thread's input() (readline then restores the terminal): to end
+        with `exc`, or (None) to leave because standard output is gone.
 
         Repeated until main leaves: a signal landing just before input() blocks is missed.
         """

@@ -913,3 +913,30 @@ def test_pipe_mode_exits_0_when_every_line_was_delivered(run_server, tmp_path: P
         peer.close()
     assert done.returncode == 0, done.stderr
     assert "not delivered" not in done.stderr
+
+
+@pytest.mark.parametrize("more", [False, True])
+def test_closed_stdout_leaves_and_exits(run_server, tmp_path: Path, more: bool) -> None:
+    """Issue 15 bug 6: `client.py --name r | head -2`: once standard output is closed (EPIPE)
+    the client leaves and exits, whether or not another message comes to be written."""
+    with run_server(rate=0) as srv:
+        host, port = srv.address
+        peer, _ = connect_and_join(host, port, "bob")
+        proc = spawn_pipe_client(tmp_path, port, "--name", "r")
+        try:
+            assert event(peer.recv(T)) == ("joined", "r")
+            peer.send({"type": "say", "text": "one"}, {"type": "say", "text": "two"})
+            got = [proc.stdout.readline().split("> ")[-1] for _ in range(2)]
+            assert got == ["one\n", "two\n"]
+            proc.stdout.close()  # what `head -2` does after its second line
+            if more:
+                peer.send({"type": "say", "text": "three"})
+            assert event(peer.recv(T)) == ("left", "r", "leave")
+            assert proc.wait(timeout=T) == 0
+            proc.stdin.close()
+            assert "Traceback" not in proc.stderr.read()
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+            peer.close()
