@@ -8,11 +8,17 @@ X25519 against RFC 7748. RSA keys are 2048 bits and made once per module.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import hmac
+import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,10 +39,12 @@ from cryptography.hazmat.primitives.serialization import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import _fastcrypto as fc
 import crypto_utils as c
 from crypto_utils import CryptoError, KeyFileError
 
 KEY = bytes(range(32))
+FAST = pytest.mark.skipif(c.PUBLIC_CRYPTO, reason="BCAST_PUBLIC_CRYPTO=1 turns fast paths off")
 LAST_SEQ = 2**32 - 1  # §3: a side closes before its send counter would reach 2**32
 
 
@@ -99,13 +107,14 @@ def test_key_file_created_0600_under_umask_0(tmp_path: Path):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
 def test_key_file_is_0600_before_its_first_byte(tmp_path: Path, monkeypatch):
     """Issue 2: the key is never briefly readable by others: when the first byte of the
-    PEM is written, the file's mode is already exactly 0600 (even under umask 0)."""
+    PEM is written (to the file that becomes the key file), its mode is already exactly
+    0600 (even under umask 0)."""
     path = tmp_path / "server_key.pem"
     modes_at_write: list[int] = []
     real_write = os.write
 
     def spying_write(fd: int, data) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
             modes_at_write.append(stat.S_IMODE(os.fstat(fd).st_mode))
         return real_write(fd, data)
 
@@ -304,7 +313,7 @@ def test_unwrap_refuses_tampered(rsa_key: RsaKey, spki: bytes):
 )
 def test_lean_oaep_equals_public_oaep(rsa_key: RsaKey, size: int, garbage: bytes, flip: int):
     """§2: the lean OAEP decryption gives what pycryptodome's public OAEP gives, or both refuse."""
-    lean, public = c._LeanOaep(rsa_key), PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256)
+    lean, public = fc.LeanOaep(rsa_key), PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256)
     good = oaep_sha256(rsa_key).encrypt(os.urandom(size))
     assert lean.decrypt(good) == public.decrypt(good)
     tampered = bytearray(good)
@@ -332,7 +341,7 @@ def test_lean_oaep_blinding_renews(monkeypatch, rsa_key: RsaKey, spki: bytes):
         return draw(**kwargs)
 
     monkeypatch.setattr(Integer, "random_range", spy)
-    lean = c._LeanOaep(rsa_key)
+    lean = fc.LeanOaep(rsa_key)
     for i in range(2 * lean.BLINDING_USES + 1):
         secret = i.to_bytes(32, "big")
         assert lean.decrypt(c.wrap_secret(spki, secret)) == secret
@@ -341,7 +350,7 @@ def test_lean_oaep_blinding_renews(monkeypatch, rsa_key: RsaKey, spki: bytes):
 
 def test_lean_oaep_from_many_threads_at_once(rsa_key: RsaKey, spki: bytes):
     """The server unwraps in every reader thread: shared blinding and buffers stay right."""
-    lean = c._LeanOaep(rsa_key)
+    lean = fc.LeanOaep(rsa_key)
     jobs = [(i.to_bytes(32, "big"), c.wrap_secret(spki, i.to_bytes(32, "big"))) for i in range(96)]
     wrong: list[int] = []
 
@@ -364,31 +373,32 @@ def test_lean_oaep_from_many_threads_at_once(rsa_key: RsaKey, spki: bytes):
 
 def test_lean_oaep_refuses_wrong_sizes_and_out_of_range(rsa_key: RsaKey):
     """RFC 8017 7.1.2 step 1 and RSADP's range check, as in the public API."""
-    lean = c._LeanOaep(rsa_key)
+    lean = fc.LeanOaep(rsa_key)
     for ciphertext in (bytes(255), bytes(257), int(rsa_key.n).to_bytes(256, "big"), b"\xff" * 256):
         with pytest.raises(ValueError):
             lean.decrypt(ciphertext)
 
 
+@FAST
 def test_unwrapper_uses_the_lean_oaep_on_this_install(rsa_key: RsaKey):
-    """The per-key self-check chose the lean path here (else a storm of joins is ~25% slower)."""
+    """The per-key self-check chose the lean path here (else a storm of joins is slower)."""
     chosen = c.unwrapper(rsa_key)
-    assert isinstance(getattr(chosen, "__self__", None), c._LeanOaep)
+    assert isinstance(getattr(chosen, "__self__", None), fc.LeanOaep)
     assert c.unwrapper(rsa_key) is chosen  # made once per key
 
 
 def test_unwrapper_falls_back_when_the_lean_path_differs(monkeypatch, small_key: RsaKey):
     """A lean path that decrypts differently (or cannot be built) is never used."""
-    monkeypatch.setattr(c._LeanOaep, "decrypt", lambda self, ciphertext: bytes(32))
+    monkeypatch.setattr(fc.LeanOaep, "decrypt", lambda self, ciphertext: bytes(32))
     wrong = RSA.import_key(small_key.export_key())
-    assert not isinstance(getattr(c.unwrapper(wrong), "__self__", None), c._LeanOaep)
+    assert not isinstance(getattr(c.unwrapper(wrong), "__self__", None), fc.LeanOaep)
     secret = os.urandom(32)
     assert c.unwrap_secret(wrong, oaep_sha256(wrong).encrypt(secret)) == secret
 
     def broken(self, key):
         raise AttributeError("_crt_p")
 
-    monkeypatch.setattr(c._LeanOaep, "__init__", broken)
+    monkeypatch.setattr(fc.LeanOaep, "__init__", broken)
     missing = RSA.import_key(small_key.export_key())
     assert c.unwrap_secret(missing, oaep_sha256(missing).encrypt(secret)) == secret
 
@@ -461,7 +471,7 @@ def test_ephemeral_refuses_low_order_points(point: bytes):
         c.Ephemeral().exchange(point)
 
 
-@pytest.mark.parametrize("impl", [c._x25519_lean, c._x25519_standard], ids=["lean", "standard"])
+@pytest.mark.parametrize("impl", [fc.x25519, c._x25519_standard], ids=["lean", "standard"])
 @pytest.mark.parametrize("point", LOW_ORDER_POINTS, ids=lambda b: b.hex()[:8])
 def test_x25519_implementations_refuse_low_order_points(impl, point: bytes):
     """Both X25519 paths refuse the small-order points themselves (ValueError)."""
@@ -483,7 +493,7 @@ NON_CANONICAL_NINE = (2**255 - 19 + 9).to_bytes(32, "little")
 def test_x25519_lean_equals_standard_and_cryptography(scalar: bytes, u: bytes):
     """RFC 7748: the lean X25519 equals pycryptodome's public DH and `cryptography`'s."""
     outcomes = []
-    for impl in (c._x25519_lean, c._x25519_standard):
+    for impl in (fc.x25519, c._x25519_standard):
         try:
             outcomes.append(impl(scalar, u))
         except ValueError:
@@ -494,9 +504,10 @@ def test_x25519_lean_equals_standard_and_cryptography(scalar: bytes, u: bytes):
         assert outcomes[0] == theirs.exchange(X25519PublicKey.from_public_bytes(u))
 
 
+@FAST
 def test_x25519_uses_the_lean_path_on_this_install():
     """The import-time self-check chose the lean X25519 here."""
-    assert c.X25519_IMPL is c._x25519_lean
+    assert c.X25519_IMPL is fc.x25519
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 64])
@@ -563,7 +574,7 @@ def test_fast_mgf1_equals_pycryptodome(seed, length):
     """OAEP's mask function is pycryptodome's MGF1-SHA-256, only faster."""
     from Crypto.Signature.pss import MGF1
 
-    assert c._mgf1_sha256(seed, length) == MGF1(seed, length, SHA256)
+    assert fc.mgf1_sha256(seed, length) == MGF1(seed, length, SHA256)
 
 
 def test_derive_keys_known_answer():
@@ -838,7 +849,7 @@ def test_counter_exhaustion():
 def test_fast_gcm_equals_public_gcm(key: bytes, seq: int, pt: bytes) -> None:
     """§3: the fast record cipher (ECB-keystream and CTR paths) equals GCM in two libraries."""
     nonce = b"\x00" * 4 + seq.to_bytes(8, "big")
-    fast, public = c._Gcm(key), c._StandardGcm(key)
+    fast, public = fc.Gcm(key), c._StandardGcm(key)
     record = public.seal(seq, pt)
     assert record == AESGCM(key).encrypt(nonce, pt, None)
     assert fast.seal(seq, pt) == record
@@ -849,6 +860,168 @@ def test_fast_gcm_equals_public_gcm(key: bytes, seq: int, pt: bytes) -> None:
         fast.open(seq, bytes(bad))
 
 
+@FAST
 def test_record_cipher_uses_the_fast_gcm_on_this_install() -> None:
-    """The import-time self-check selected the fast path here (else the server is ~2x slower)."""
-    assert c.GCM_IMPL is c._Gcm
+    """The import-time self-check selected the fast path here (else records cost more CPU)."""
+    assert c.GCM_IMPL is fc.Gcm
+
+
+# --- the fast paths: the switch, fork() and the owners of raw pointers ---
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_PUBLIC = ["AES-GCM records", "X25519", "RSA-OAEP"]
+
+# Run both in this process and in a child with another environment, so that the two
+# sets of outcomes can be compared.
+PROBE = """
+import crypto_utils as c
+from Crypto.PublicKey import RSA
+
+
+def probe(key_pem, wrapped):
+    key = RSA.import_key(key_pem)
+    out = {"slow": c.slow_paths(key), "public": c.PUBLIC_CRYPTO}
+    out["unwrap"] = []
+    for ciphertext in wrapped:
+        try:
+            out["unwrap"].append(c.unwrap_secret(key, bytes.fromhex(ciphertext)).hex())
+        except c.CryptoError:
+            out["unwrap"].append(None)
+    alice = c.Ephemeral(private=bytes(range(32)))
+    bob = c.Ephemeral(private=bytes(range(32, 64)))
+    out["x25519"] = [alice.public.hex(), alice.exchange(bob.public).hex()]
+    sealer, opener = c.RecordCipher(bytes(range(32)), 7), c.RecordCipher(bytes(range(32)), 7)
+    records = [sealer.seal(bytes(size)) for size in (0, 1, 100, 5000)]
+    out["gcm"] = [r.hex() for r in records] + [opener.open(r).hex() for r in records]
+    return out
+"""
+
+
+def probe_inputs(rsa_key: RsaKey, spki: bytes) -> tuple[str, list[str]]:
+    wrapped = [c.wrap_secret(spki, bytes([i]) * 32) for i in range(3)]
+    bad = bytearray(wrapped[0])
+    bad[5] ^= 1
+    return rsa_key.export_key().decode(), [w.hex() for w in (*wrapped, bytes(bad))]
+
+
+def probe_in_child(env_value: str, key_pem: str, wrapped: list[str]) -> dict:
+    env = {**os.environ, "BCAST_PUBLIC_CRYPTO": env_value, "PYTHONPATH": str(ROOT)}
+    script = PROBE + "\nimport json, sys\nprint(json.dumps(probe(*json.load(sys.stdin))))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps([key_pem, wrapped]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def test_public_crypto_switch_uses_every_public_path_with_the_same_results(
+    rsa_key: RsaKey, spki: bytes
+):
+    """BCAST_PUBLIC_CRYPTO=1: slow_paths names every fast path (so the server's start-up
+    warning does), and every operation gives what the fast paths give."""
+    key_pem, wrapped = probe_inputs(rsa_key, spki)
+    child = probe_in_child("1", key_pem, wrapped)
+    assert child.pop("public") is True
+    assert child.pop("slow") == ALL_PUBLIC
+    here: dict = {}
+    exec(PROBE, here)
+    ours = here["probe"](key_pem, wrapped)
+    del ours["slow"], ours["public"]
+    assert child == ours
+    assert child["unwrap"] == [bytes([i] * 32).hex() for i in range(3)] + [None]
+
+
+def test_public_crypto_switch_is_only_the_value_1(rsa_key: RsaKey, spki: bytes):
+    """Any other value of BCAST_PUBLIC_CRYPTO leaves the fast paths on (on this install)."""
+    child = probe_in_child("0", *probe_inputs(rsa_key, spki))
+    assert (child["public"], child["slow"]) == (False, [])
+
+
+def in_child(work: Callable[[], object]) -> object:
+    """Run `work` in a forked child and return what it returns (as JSON, through a pipe);
+    a child that raises, crashes or hangs for 20 s fails the test."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            signal.alarm(20)
+            os.write(write_end, json.dumps(work()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child ended with status {status}"
+    return json.loads(data)
+
+
+def blinding_value(lean: fc.LeanOaep) -> str:
+    """r^e mod n of the lean OAEP's current blinding pair, in hex."""
+    from Crypto.Util._raw_api import c_size_t, create_string_buffer, get_raw_buffer
+
+    out = create_string_buffer(lean._k)
+    assert lean._blinding is not None
+    assert lean._lib.nat_to_bytes(out, c_size_t(lean._k), lean._blinding[0].get(), 0) == 0
+    return get_raw_buffer(out).hex()
+
+
+def test_forked_child_draws_a_fresh_blinding(monkeypatch, rsa_key: RsaKey, spki: bytes):
+    """After fork() the child must not continue the parent's sequence of blinding factors
+    (both would square the same r), nor wait on a lock the parent held at fork()."""
+    from Crypto.Math.Numbers import Integer
+
+    lean = fc.LeanOaep(rsa_key)
+    secret = bytes(range(32))
+    wrapped = c.wrap_secret(spki, secret)
+    assert lean.decrypt(wrapped) == secret  # the parent draws r and has uses left
+    draws = []
+    draw = Integer.random_range
+
+    def counting(**kwargs):
+        draws.append(1)
+        return draw(**kwargs)
+
+    monkeypatch.setattr(Integer, "random_range", counting)
+
+    def child() -> object:
+        return [lean.decrypt(wrapped) == secret, len(draws), blinding_value(lean)]
+
+    with lean._blinding_lock:  # held by the parent at fork()
+        ok, child_draws, child_value = in_child(child)
+    assert lean.decrypt(wrapped) == secret
+    assert draws == []  # the parent went on squaring its r
+    assert ok and child_draws == 1
+    assert child_value != blinding_value(lean)
+
+
+def test_lean_oaep_keeps_the_buffers_it_points_into(rsa_key: RsaKey, spki: bytes):
+    """pycryptodome swaps a number's buffer on in-place operations: the lean OAEP must
+    keep the buffers it took pointers from, not just the numbers (run in a child, as
+    a use after free may crash)."""
+    from Crypto.Math._IntegerNat import IntegerNat
+
+    key = RSA.import_key(rsa_key.export_key())
+    lean = fc.LeanOaep(key)
+    jobs = [(bytes([i]) * 32, c.wrap_secret(spki, bytes([i]) * 32)) for i in range(20)]
+
+    def child() -> object:
+        for name in ("_n", "_crt_p", "_crt_q", "_crt_dp", "_crt_dq", "_crt_u"):
+            number = getattr(key, name)
+            number._adopt(IntegerNat(int(number)))  # the old buffer loses its owner
+            number._mont = None
+        gc.collect()
+        churn = [IntegerNat(int.from_bytes(os.urandom(128), "big")) for _ in range(4000)]
+        results = [lean.decrypt(wrapped) == secret for secret, wrapped in jobs]
+        del churn
+        return results
+
+    assert in_child(child) == [True] * len(jobs)

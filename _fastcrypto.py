@@ -1,0 +1,402 @@
+"""Fast paths on pycryptodome's private internals, each checked against its public API.
+
+A leaf module: it imports only the standard library and pycryptodome, and makes
+no policy (key sizes, which points to refuse, which error to show: that is
+crypto_utils.py). Each fast path does the arithmetic of a pycryptodome public
+call through the C functions under it. Why: every call into C releases the
+GIL, and the public API's Python layers make many such calls per operation;
+in a storm of handshakes each release wakes a waiting thread for nothing
+(bench/README.md has the figures).
+
+Each `select_*` function runs a self-check against a reference (the public-API
+path crypto_utils passes in) and returns the fast path only if they agree, or
+None; so a pycryptodome whose internals changed makes bcast slower, never
+wrong. The private modules are imported inside those checks, never at import.
+
+Raw pointers: a pointer from `SmartPointer.get()` is valid only while that
+SmartPointer lives. Code here keeps the SmartPointer itself (a number alone is
+not enough: pycryptodome swaps a number's buffer on in-place operations) for
+as long as the raw pointer is in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.PublicKey.RSA import RsaKey
+
+Unwrap = Callable[[bytes], bytes]
+X25519Function = Callable[[bytes, bytes], bytes]
+
+
+def _check(result: int, what: str) -> None:
+    if result:
+        raise ValueError(f"error {result} in {what}")
+
+
+# --- RSA-OAEP decryption ---
+
+
+def mgf1_sha256(seed: bytes, length: int) -> bytes:
+    """MGF1 with SHA-256 (RFC 8017 B.2.1) on hashlib: pycryptodome's hash objects
+    are Python layers over C, and OAEP runs a dozen hashes per decryption."""
+    blocks = (length + 31) // 32
+    return b"".join(
+        hashlib.sha256(seed + counter.to_bytes(4, "big")).digest() for counter in range(blocks)
+    )[:length]
+
+
+# Every LeanOaep alive, so that a forked child can drop their blinding state.
+_LIVE_OAEP: weakref.WeakSet[LeanOaep] = weakref.WeakSet()
+
+
+class LeanOaep:
+    """RSAES-OAEP-DECRYPT with SHA-256, MGF1-SHA-256 and an empty label, for one key.
+
+    The same constant-time C functions as `RsaKey._decrypt_to_bytes`
+    (`Crypto.Math._IntegerNat`, private) run the same blinded CRT steps on
+    buffers made once and reused; the unmasking is pycryptodome's own
+    (`oaep.py`), with its constant-time C check. Nothing secret goes through
+    Python integers. Thread-safe: the blinding state is under a lock and each
+    call takes its own buffer set.
+    """
+
+    BLINDING_USES = 32  # as pycryptodome: a fresh r every 32 decryptions, squared between
+    SCRATCH_KEPT = 16  # buffer sets kept after a spike of concurrent calls (~3 KiB each)
+
+    def __init__(self, key: RsaKey):
+        from Crypto.Cipher._pkcs1_oaep_decode import oaep_decode
+        from Crypto.Math import _IntegerNat
+        from Crypto.Util.strxor import strxor
+
+        if not key.has_private():
+            raise TypeError("not a private key")
+        self._lib, self._new_nat = _IntegerNat._lib, _IntegerNat._new_nat
+        self._oaep_decode, self._strxor = oaep_decode, strxor
+        self._key = key
+        self._n_int = int(key.n)
+        self._k = (self._n_int.bit_length() + 7) // 8
+        numbers = (key._n, key._crt_p, key._crt_q, key._crt_dp, key._crt_dq, key._crt_u)
+        if not all(isinstance(x, _IntegerNat.IntegerNat) for x in numbers):
+            raise TypeError("not pycryptodome's C naturals")
+        # The owners of every raw pointer below, kept as long as this object.
+        contexts = tuple(x._mont_ctx() for x in numbers[:3])
+        self._owners = (*(x._p for x in numbers), *contexts)
+        self._n, self._p, self._q, self._dp, self._dq, self._u = (o.get() for o in self._owners[:6])
+        self._ctx_n, self._ctx_p, self._ctx_q = (ctx.get() for ctx in contexts)
+        self._dp_bits, self._dq_bits = key._crt_dp._bits, key._crt_dq._bits
+        self._bits = (numbers[0]._bits, numbers[1]._bits, numbers[2]._bits)
+        self._lhash = hashlib.sha256(b"").digest()
+        self._reset_blinding()
+        self._scratch: list[tuple[Any, ...]] = []  # buffer sets; pop/append are atomic
+        _LIVE_OAEP.add(self)
+
+    def _reset_blinding(self) -> None:
+        """Forget r: at creation, and in a forked child, which must not reuse the parent's
+        sequence of r (a lock held by a parent thread at fork() would also stay held)."""
+        self._blinding_lock = threading.Lock()
+        self._blinding: tuple[Any, Any, int] | None = None  # (r^e, r^-1 owners, uses left)
+
+    def _blinding_pair(self) -> tuple[Any, Any]:
+        """(r^e mod n, r^-1 mod n) for a secret r that changes at each call, as pycryptodome."""
+        from Crypto.Math.Numbers import Integer
+
+        with self._blinding_lock:
+            state = self._blinding
+            if state is None or state[2] == 0:
+                n = self._key._n
+                r = Integer.random_range(min_inclusive=1, max_exclusive=n)
+                state = (pow(r, self._key._e, n)._p, r.inverse(n)._p, self.BLINDING_USES)
+            else:
+                squares = []
+                for old in state[:2]:
+                    new = self._new_nat(self._bits[0])
+                    _check(
+                        self._lib.nat_mulmod_ctx(
+                            new.get(), old.get(), old.get(), self._n, self._ctx_n
+                        ),
+                        "nat_mulmod_ctx",
+                    )
+                    squares.append(new)
+                state = (squares[0], squares[1], state[2])
+            self._blinding = (state[0], state[1], state[2] - 1)
+        return state[0], state[1]
+
+    def _buffers(self) -> tuple[Any, ...]:
+        try:
+            return self._scratch.pop()
+        except IndexError:
+            n_bits, p_bits, q_bits = self._bits
+            sizes = (8 * self._k, n_bits, p_bits, q_bits, q_bits, q_bits, p_bits + q_bits + 1)
+            return tuple(self._new_nat(bits) for bits in (*sizes, n_bits))
+
+    def encoded_message(self, ciphertext: bytes) -> bytes:
+        """RSADP + I2OSP (RFC 8017 5.1.2): the k-byte EM of `ciphertext`, blinded CRT."""
+        from Crypto.Util._raw_api import c_size_t, create_string_buffer, get_raw_buffer
+
+        k = self._k
+        if len(ciphertext) != k or int.from_bytes(ciphertext, "big") >= self._n_int:
+            raise ValueError("ciphertext with incorrect length or out of range")
+        r_e, r_inv = self._blinding_pair()  # owners, held until the last use below
+        buffers = self._buffers()  # owners of c ... m, held likewise
+        c, cp, m1, m2, h, hu, mp, m = (b.get() for b in buffers)
+        lib = self._lib
+        _check(lib.nat_from_bytes(c, ciphertext, c_size_t(k), 0), "nat_from_bytes")
+        _check(lib.nat_mulmod_ctx(cp, c, r_e.get(), self._n, self._ctx_n), "blind")
+        _check(
+            lib.nat_powmod_ctx(m1, cp, self._dp, c_size_t(self._dp_bits), 0, self._p, self._ctx_p),
+            "powmod p",
+        )
+        _check(
+            lib.nat_powmod_ctx(m2, cp, self._dq, c_size_t(self._dq_bits), 0, self._q, self._ctx_q),
+            "powmod q",
+        )
+        _check(lib.nat_submod(h, m2, m1, self._q), "nat_submod")  # (m2 - m1) mod q
+        _check(lib.nat_mulmod_ctx(hu, h, self._u, self._q, self._ctx_q), "nat_mulmod_ctx")
+        _check(lib.nat_muladd(mp, m1, hu, self._p), "nat_muladd")  # m' = m1 + h * p, under n
+        _check(lib.nat_mulmod_ctx(m, r_inv.get(), mp, self._n, self._ctx_n), "unblind")
+        out = create_string_buffer(k)
+        _check(lib.nat_to_bytes(out, c_size_t(k), m, 0), "nat_to_bytes")
+        if len(self._scratch) < self.SCRATCH_KEPT:  # a spike's extra sets are freed
+            self._scratch.append(buffers)
+        return get_raw_buffer(out)
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """The plaintext, or ValueError for any ciphertext that does not decrypt."""
+        em = self.encoded_message(ciphertext)
+        h_len = len(self._lhash)
+        # Y = em[0] must be 0, but is only checked with the rest, in constant time (Manger).
+        masked_seed, masked_db = em[1 : h_len + 1], em[h_len + 1 :]
+        seed = self._strxor(masked_seed, mgf1_sha256(masked_db, h_len))
+        db = self._strxor(masked_db, mgf1_sha256(seed, self._k - h_len - 1))
+        start = self._oaep_decode(em, self._lhash, db)
+        if start <= 0:
+            raise ValueError("Incorrect decryption.")
+        return db[start:]
+
+
+def _after_fork_in_child() -> None:
+    for lean in list(_LIVE_OAEP):
+        lean._reset_blinding()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def select_unwrap(key: RsaKey, reference: Unwrap) -> Unwrap | None:
+    """`LeanOaep(key).decrypt` if it decrypts and refuses as `reference` does, else None."""
+    try:
+        lean = LeanOaep(key).decrypt
+        public = PKCS1_OAEP.new(key.public_key(), hashAlgo=SHA256)
+        good = [public.encrypt(bytes([i]) * size) for i, size in enumerate((32, 0, 1, 33))]
+        bad = bytearray(good[0])
+        bad[len(bad) // 2] ^= 1
+        for ciphertext in (*good, bytes(bad), bytes(len(bad))):
+            if _outcome(lean, ciphertext) != _outcome(reference, ciphertext):
+                return None
+        return lean
+    except Exception:  # any missing private piece: the caller keeps the public API
+        return None
+
+
+def _outcome(decrypt: Unwrap, ciphertext: bytes) -> bytes | None:
+    try:
+        return decrypt(ciphertext)
+    except (ValueError, TypeError):
+        return None
+
+
+# --- X25519 ---
+
+X25519_BYTES = 32
+X25519_P = 2**255 - 19
+X25519_BASE = (9).to_bytes(X25519_BYTES, "little")
+# The u-coordinates (mod p) of the points of small order, refused as pycryptodome
+# does (http://cr.yp.to/ecdh.html#validate).
+X25519_SMALL_ORDER = frozenset(
+    (
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        X25519_P - 1,
+    )
+)
+
+
+def _curve_lib(name: str) -> Any:
+    """The C functions of one of pycryptodome's curves (`_point._curves`, private)."""
+    from Crypto.PublicKey._point import _curves
+
+    return _curves[name].rawlib
+
+
+def x25519(scalar: bytes, u: bytes) -> bytes:
+    """X25519(scalar, u) of RFC 7748 on pycryptodome's C curve25519 (`_point`, private);
+    ValueError for a small-order point."""
+    from Crypto.Util._raw_api import (
+        SmartPointer,
+        VoidPointer,
+        c_size_t,
+        c_ulonglong,
+        create_string_buffer,
+        get_raw_buffer,
+        null_pointer,
+    )
+
+    if len(scalar) != X25519_BYTES or len(u) != X25519_BYTES:
+        raise ValueError("X25519 scalars and points are 32 bytes")
+    u_value = int.from_bytes(u, "little") & ((1 << 255) - 1)  # RFC 7748 5: mask bit 255
+    if u_value % X25519_P in X25519_SMALL_ORDER:
+        raise ValueError("Invalid Curve25519 public key")
+    clamped = bytearray(scalar)
+    clamped[0] &= 0xF8
+    clamped[31] = (clamped[31] & 0x7F) | 0x40
+    lib = _curve_lib("Curve25519")
+    raw = VoidPointer()
+    size = c_size_t(X25519_BYTES)
+    if lib.new_point(raw.address_of(), u_value.to_bytes(X25519_BYTES, "big"), size, null_pointer):
+        raise ValueError("Invalid Curve25519 public key")
+    point = SmartPointer(raw.get(), lib.free_point)  # owner of raw, held to the end
+    blind = c_ulonglong(int.from_bytes(os.urandom(8), "little"))  # the ladder's randomisation
+    if lib.scalar(point.get(), bytes(reversed(clamped)), size, blind):
+        raise ValueError("X25519 scalar multiplication failed")
+    x = create_string_buffer(X25519_BYTES)
+    if lib.get_x(x, size, point.get()):
+        raise ValueError("Invalid ECDH point")  # the point at infinity
+    return get_raw_buffer(x)[::-1]
+
+
+# RFC 7748 5.2, the first test vector: scalar, u, result.
+_X25519_VECTOR = (
+    bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
+    bytes.fromhex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"),
+    bytes.fromhex("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"),
+)
+
+
+def select_x25519(reference: X25519Function) -> X25519Function | None:
+    """`x25519` if it gives the RFC 7748 vector, agrees with `reference` and refuses 0."""
+    try:
+        scalar, u, expected = _X25519_VECTOR
+        if x25519(scalar, u) != expected or reference(scalar, u) != expected:
+            return None
+        if x25519(scalar, X25519_BASE) != reference(scalar, X25519_BASE):
+            return None
+        try:
+            x25519(scalar, bytes(X25519_BYTES))
+        except ValueError:
+            return x25519
+    except Exception:  # any missing private piece: the caller keeps the public API
+        pass
+    return None
+
+
+# --- AES-256-GCM records (PROTOCOL.md §3) ---
+
+TAG_BYTES = 16
+# Records of up to this many 16-byte blocks get their keystream from one ECB call
+# over their counter blocks; larger ones from a CTR cipher (cheaper to build there).
+SMALL_RECORD_BLOCKS = 256
+
+
+def _counter_tables() -> tuple[list[int], list[int]]:
+    """For n blocks: the counters 1..n as one big-endian integer of n 16-byte blocks,
+    and the multiplier that puts a 64-bit sequence number into bytes 4..11 of each."""
+    counters, spread = [0], [0]
+    for i in range(1, SMALL_RECORD_BLOCKS + 2):
+        counters.append((counters[-1] << 128) | i)
+        spread.append((spread[-1] << 128) | (1 << 32))
+    return counters, spread
+
+
+_COUNTERS, _SEQ_SPREAD = _counter_tables()
+
+
+class Gcm:
+    """AES-256-GCM (no AAD, nonce 0^4 || u64be(seq), 16-byte tag) with per-key work done once.
+
+    pycryptodome's GCM object re-derives H, re-expands the GHASH table and
+    builds three ciphers for every record. Here the ECB cipher, H and the
+    GHASH table (pycryptodome's own C, through the private `_mode_gcm._GHASH`)
+    are made once per key; the tag is two GHASH calls. One thread at a time.
+    """
+
+    def __init__(self, key: bytes):
+        from Crypto.Cipher import _mode_gcm
+        from Crypto.Util._raw_api import create_string_buffer
+
+        self._key = key
+        self._fresh_state = create_string_buffer
+        self._ecb = AES.new(key, AES.MODE_ECB)
+        impl = _mode_gcm._ghash_clmul or _mode_gcm._ghash_portable
+        self._ghash = _mode_gcm._GHASH(self._ecb.encrypt(bytes(16)), impl)
+
+    def _keystream(self, seq: int, size: int) -> tuple[bytes, Any]:
+        """(E_K(J0), a function XOR-ing `size` bytes with the keystream from counter 2)."""
+        blocks = (size + 15) // 16 + 1
+        if blocks <= SMALL_RECORD_BLOCKS + 1:
+            counters = _COUNTERS[blocks] + seq * _SEQ_SPREAD[blocks]
+            stream = self._ecb.encrypt(counters.to_bytes(16 * blocks, "big"))
+            pad = int.from_bytes(stream[16 : 16 + size], "big")
+
+            def apply(data: Any) -> bytes:
+                return (int.from_bytes(data, "big") ^ pad).to_bytes(size, "big")
+
+            return stream[:16], apply
+        nonce = bytes(4) + seq.to_bytes(8, "big")
+        ctr = AES.new(self._key, AES.MODE_CTR, nonce=nonce, initial_value=1)
+        return ctr.encrypt(bytes(16)), ctr.encrypt  # CTR: decrypting is encrypting
+
+    def _tag(self, mask: bytes, ciphertext: memoryview) -> bytes:
+        ghash = self._ghash
+        ghash._last_y = self._fresh_state(16)  # GHASH state back to zero for this record
+        size = len(ciphertext)
+        whole = size - size % 16
+        if whole:
+            ghash.update(ciphertext[:whole])
+        lengths = bytes(8) + (size * 8).to_bytes(8, "big")  # len(AAD)=0, len(C) in bits
+        ghash.update(bytes(ciphertext[whole:]) + bytes(-size % 16) + lengths)
+        value = int.from_bytes(ghash.digest(), "big") ^ int.from_bytes(mask, "big")
+        return value.to_bytes(16, "big")
+
+    def seal(self, seq: int, plaintext: bytes) -> bytes:
+        mask, apply = self._keystream(seq, len(plaintext))
+        ciphertext = apply(plaintext)
+        return ciphertext + self._tag(mask, memoryview(ciphertext))
+
+    def open(self, seq: int, record: bytes) -> bytes:
+        view = memoryview(record)[:-TAG_BYTES]
+        mask, apply = self._keystream(seq, len(view))
+        if not hmac.compare_digest(self._tag(mask, view), record[-TAG_BYTES:]):
+            raise ValueError("MAC check failed")
+        return apply(view)
+
+
+def select_gcm(reference: type) -> type | None:
+    """`Gcm` if it seals and opens byte for byte as `reference` (same interface), else None."""
+    key, seq = bytes(range(32)), 0x0102030405060708
+    try:
+        fast, slow = Gcm(key), reference(key)
+        for size in (0, 1, 15, 16, 17, 100, 16 * SMALL_RECORD_BLOCKS, 16 * SMALL_RECORD_BLOCKS + 1):
+            plaintext = bytes(i % 251 for i in range(size))
+            record = slow.seal(seq, plaintext)
+            if fast.seal(seq, plaintext) != record or fast.open(seq, record) != plaintext:
+                return None
+        tampered = bytearray(record)
+        tampered[0] ^= 1
+        try:
+            fast.open(seq, bytes(tampered))
+        except ValueError:
+            return Gcm
+    except Exception:  # any missing private piece: the caller keeps the public API
+        pass
+    return None
