@@ -18,12 +18,16 @@ threads at once.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
@@ -45,11 +49,14 @@ TAG_BYTES = 16  # AES-GCM tag appended to each record
 # §3: a side closes before its send counter would reach 2**32.
 MAX_RECORDS_PER_DIRECTION = 2**32
 HKDF_INFO_LABEL = b"bcast/1 keys"
+# A PEM key file is a few KiB at most; reading stops well past that.
+MAX_KEY_FILE_BYTES = 64 * 1024
 
 # Read once: every fast path is chosen (or not) at import or at a key's first use.
 PUBLIC_CRYPTO = os.environ.get("BCAST_PUBLIC_CRYPTO") == "1"
 
 RandomBytes = Callable[[int], bytes]
+K = TypeVar("K")
 
 
 class CryptoError(Exception):
@@ -57,7 +64,7 @@ class CryptoError(Exception):
 
 
 class KeyFileError(CryptoError):
-    """The server key file cannot be used; the message names the file and why."""
+    """A key file cannot be used; the message names the file, why, and what to do."""
 
 
 def random_bytes(n: int) -> bytes:
@@ -65,7 +72,7 @@ def random_bytes(n: int) -> bytes:
     return get_random_bytes(n)
 
 
-# --- the server's long-term RSA key ---
+# --- key files: the server's RSA key (§2) ---
 
 
 def load_or_create_server_key(
@@ -73,25 +80,27 @@ def load_or_create_server_key(
 ) -> RsaKey:
     """Load the server's RSA key from `path`, creating it (mode 0600) if absent.
 
-    Refuses, with one sentence naming the file, a key readable by group or
-    others, one that does not parse, or one under 2048 bits (§2).
+    Refuses, with one sentence naming the file, anything `_read_key_file`
+    refuses, a key that does not parse, or one under 2048 bits (§2).
     """
     path = Path(path)
-    if not path.exists():
-        return _create_server_key(path, bits, randfunc)
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"the key file {path} is accessible by group or others (mode "
-            f"{stat.S_IMODE(mode):04o}); run 'chmod 600 {path}' and start again"
-        )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
+
+    def create() -> tuple[RsaKey, bytes]:
+        if bits < MIN_RSA_BITS:
+            raise KeyFileError(
+                f"refusing to create a {bits}-bit key: the minimum is {MIN_RSA_BITS}"
+            )
+        key = _new_rsa_key(bits, randfunc)
+        return key, key.export_key(format="PEM")
+
+    return _load_or_create(path, lambda data: _parse_rsa_key(path, data), create)
+
+
+def _new_rsa_key(bits: int, randfunc: RandomBytes | None) -> RsaKey:
+    return RSA.generate(bits, randfunc=randfunc)
+
+
+def _parse_rsa_key(path: Path, data: bytes) -> RsaKey:
     try:
         key = RSA.import_key(data)
     except (ValueError, IndexError, TypeError):
@@ -106,33 +115,152 @@ def load_or_create_server_key(
     return key
 
 
-def _create_server_key(path: Path, bits: int, randfunc: RandomBytes | None) -> RsaKey:
-    """Generate a key and write it with mode 0600 from the first byte (O_EXCL, fchmod)."""
-    if bits < MIN_RSA_BITS:
-        raise KeyFileError(f"refusing to create a {bits}-bit key: the minimum is {MIN_RSA_BITS}")
+def _load_or_create(
+    path: Path, parse: Callable[[bytes], K], create: Callable[[], tuple[K, bytes]]
+) -> K:
+    """Parse the key at `path`, or create one there; a key that another process
+    placed meanwhile wins, so two processes starting at once end with one key."""
+    data = _read_key_file(path)
+    if data is not None:
+        return parse(data)
+    key, pem = create()
+    if _place_key_file(path, pem):
+        return key
+    data = _read_key_file(path)
+    if data is None:
+        raise KeyFileError(f"the key file {path} vanished as it was being created; start again")
+    return parse(data)
+
+
+def _read_key_file(path: Path) -> bytes | None:
+    """The bytes of the key file, or None if there is none.
+
+    Opened without following a symbolic link and without blocking (a FIFO),
+    then checked and read through the same descriptor, so what is checked is
+    what is read.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise KeyFileError(
-            f"cannot create the folder {path.parent} for the key file: {exc.strerror}"
-        ) from None
-    key = RSA.generate(bits, randfunc=randfunc)
-    pem = key.export_key(format="PEM")
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # Linux, FreeBSD: a symbolic link
+            raise KeyFileError(
+                f"the key file {path} is a symbolic link, which is refused; "
+                "give the path of the file itself"
+            ) from None
+        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
     try:
-        # O_EXCL: never overwrite a key that appeared meanwhile; 0o600 is masked by the
-        # umask only towards fewer rights, and fchmod makes it exact whatever the umask.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_or_create_server_key(path, bits, randfunc)
+        _check_key_file(path, os.fstat(fd))
+        chunks, size = [], 0
+        while size <= MAX_KEY_FILE_BYTES:
+            chunk = os.read(fd, MAX_KEY_FILE_BYTES + 1 - size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+        raise KeyFileError(
+            f"the key file {path} is over {MAX_KEY_FILE_BYTES} bytes, too large for a key; "
+            "check the path"
+        )
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
+
+
+def _check_key_file(path: Path, info: os.stat_result) -> None:
+    """Refuse anything but a regular file of ours that only we may read or write."""
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special")
+        raise KeyFileError(
+            f"the key file {path} is {kind}, not a regular file; "
+            "remove it or give the path of a key file"
+        )
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        raise KeyFileError(
+            f"the key file {path} belongs to uid {info.st_uid}, not to this user (uid {uid}); "
+            "give the path of a key file of your own"
+        )
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"the key file {path} is accessible by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run 'chmod 600 {path}' and start again"
+        )
+
+
+def _place_key_file(path: Path, pem: bytes) -> bool:
+    """Write `pem` to `path` atomically, mode 0600 from the first byte; False if a
+    file appeared at `path` meanwhile (it is left alone).
+
+    The key goes to a temporary file in the same folder, synced, then hard-linked
+    into place: a link never replaces a file, and a reader never sees half a key.
+    """
+    _make_folders(path.parent)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except OSError as exc:
         raise KeyFileError(f"cannot create the key file {path}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)  # the umask only ever removes rights; this makes it exact
+            view = memoryview(pem)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the key file {path}: {exc.strerror}") from None
     finally:
-        os.close(fd)
-    return key
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    _fsync_folder(path.parent)
+    return True
+
+
+def _make_folders(folder: Path) -> None:
+    """Create `folder` and its missing parents with mode 0700 (as XDG asks)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            os.mkdir(each, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise KeyFileError(
+                f"cannot create the folder {each} for the key file: {exc.strerror}"
+            ) from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the new name durable; a file system that cannot sync a folder is let be."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- the server's identity (§2) ---

@@ -18,8 +18,10 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from Crypto.Cipher import AES, PKCS1_OAEP
@@ -204,6 +206,192 @@ def test_refuses_to_create_small_key(tmp_path: Path):
 def test_key_file_error_is_crypto_error():
     """crypto_utils: every failure is one CryptoError (KeyFileError included)."""
     assert issubclass(KeyFileError, CryptoError)
+
+
+# --- hardened key files (the server's key; a client's identity uses the same code) ---
+
+WAIT_S = 10  # how long a test waits for a thread or a child that should be done at once
+
+
+class Loader(NamedTuple):
+    load: Callable[[Path], object]
+    generator: str  # the crypto_utils function that makes a new key
+    pem: Callable[[], bytes]  # a valid key file's content
+
+
+LOADERS = {
+    "server key": Loader(
+        lambda path: c.load_or_create_server_key(path, bits=2048),
+        "_new_rsa_key",
+        lambda: RSA.generate(2048).export_key(),
+    ),
+}
+
+
+@pytest.fixture(params=sorted(LOADERS))
+def loader(request) -> Loader:
+    return LOADERS[request.param]
+
+
+@pytest.fixture
+def no_keygen(monkeypatch, loader: Loader) -> None:
+    """A refused key file must be refused before any key is generated."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a key was generated")
+
+    monkeypatch.setattr(c, loader.generator, refuse)
+
+
+def refusal(loader: Loader, path: Path) -> str:
+    """The KeyFileError message for `path`, which must come within a second; the load
+    runs in a thread so that an open that blocks fails the test instead of hanging it."""
+    outcome: list[object] = []
+
+    def work() -> None:
+        try:
+            outcome.append(loader.load(path))
+        except BaseException as exc:  # reported below, whatever it is
+            outcome.append(exc)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), f"loading {path} still blocks after {WAIT_S} s"
+    assert time.monotonic() - start < 1.0
+    assert isinstance(outcome[0], KeyFileError), outcome
+    message = str(outcome[0])
+    assert str(path) in message and "\n" not in message and ". " not in message
+    return message
+
+
+def test_symlink_to_a_key_file_refused(tmp_path: Path, loader: Loader, no_keygen):
+    """§2, §5: a key file that is a symbolic link is refused (another user who can write
+    the folder could point it anywhere), even to a good key; the target is left alone."""
+    target = write_key(tmp_path / "real.pem", loader.pem(), 0o600)
+    content = target.read_bytes()
+    (tmp_path / "key.pem").symlink_to(target)
+    assert "symbolic link" in refusal(loader, tmp_path / "key.pem")
+    assert target.read_bytes() == content
+
+
+def test_dangling_symlink_refused(tmp_path: Path, loader: Loader, no_keygen):
+    """A dangling symbolic link is refused at once: no key is generated, nothing is
+    created at its target (before: an endless loop of key generation)."""
+    path = tmp_path / "key.pem"
+    path.symlink_to(tmp_path / "elsewhere.pem")
+    assert "symbolic link" in refusal(loader, path)
+    assert not (tmp_path / "elsewhere.pem").exists() and path.is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["key.pem"]
+
+
+def test_fifo_refused_without_blocking(tmp_path: Path, loader: Loader, no_keygen):
+    """A FIFO at the key file's path is refused at once (opening it must not wait for a
+    writer)."""
+    path = tmp_path / "key.pem"
+    os.mkfifo(path, 0o600)
+    assert "FIFO" in refusal(loader, path)
+
+
+def test_directory_refused(tmp_path: Path, loader: Loader, no_keygen):
+    """A directory at the key file's path is refused, saying so."""
+    path = tmp_path / "key.pem"
+    path.mkdir(mode=0o700)
+    assert "directory" in refusal(loader, path)
+
+
+def test_foreign_owner_refused(tmp_path: Path, loader: Loader, no_keygen, monkeypatch):
+    """A key file owned by another user is refused, even with mode 0600 (checked on the
+    descriptor that is read; tests run as root, so the user is faked)."""
+    path = write_key(tmp_path / "key.pem", loader.pem(), 0o600)
+    other = os.stat(path).st_uid + 1
+    monkeypatch.setattr(os, "geteuid", lambda: other)
+    message = refusal(loader, path)
+    assert f"uid {other}" in message and f"uid {other - 1}" in message
+
+
+def test_oversized_key_file_refused(tmp_path: Path, loader: Loader, no_keygen):
+    """A key file far larger than any key is refused without reading it all."""
+    path = write_key(tmp_path / "key.pem", b"x" * (c.MAX_KEY_FILE_BYTES + 1), 0o600)
+    assert "too large" in refusal(loader, path)
+
+
+def test_symlinked_folder_is_fine(tmp_path: Path, loader: Loader):
+    """Only the key file itself must not be a link: a folder on the way may be one."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    first = loader.load(tmp_path / "link" / "key.pem")
+    assert (tmp_path / "real" / "key.pem").is_file()
+    assert loader.load(tmp_path / "real" / "key.pem") == first
+
+
+def test_missing_folders_created_0700(tmp_path: Path, loader: Loader):
+    """The missing folders above a new key file are created with mode 0700 (as XDG asks
+    of $XDG_DATA_HOME), whatever the umask."""
+    path = tmp_path / "data" / "bcast" / "key.pem"
+    old = os.umask(0)
+    try:
+        loader.load(path)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "data", tmp_path / "data" / "bcast"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_new_key_file_synced_then_its_folder(tmp_path: Path, loader: Loader, monkeypatch):
+    """A new key survives a crash: its file is fsynced before it takes its name, then the
+    folder that holds the name; no temporary file is left behind."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spying_fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spying_fsync)
+    loader.load(tmp_path / "key.pem")
+    assert synced == ["file", "folder"]
+    assert os.listdir(tmp_path) == ["key.pem"]
+
+
+def test_two_starts_at_once_end_with_one_key(tmp_path: Path, loader: Loader, monkeypatch):
+    """Two processes creating the key at once (here two threads, each having generated
+    its key before either writes it) end with one key, the same for both."""
+    path = tmp_path / "key.pem"
+    barrier = threading.Barrier(2, timeout=WAIT_S)
+    generate = getattr(c, loader.generator)
+
+    def generate_then_wait(*args):
+        key = generate(*args)
+        barrier.wait()
+        return key
+
+    monkeypatch.setattr(c, loader.generator, generate_then_wait)
+    keys: list[object] = []
+    threads = [threading.Thread(target=lambda: keys.append(loader.load(path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert len(keys) == 2 and keys[0] == keys[1]
+    monkeypatch.setattr(c, loader.generator, generate)
+    assert loader.load(path) == keys[0]
+    assert os.listdir(tmp_path) == ["key.pem"]
+
+
+def test_two_server_processes_at_once_end_with_one_key(tmp_path: Path):
+    """Two server processes started at once on a missing key file use the same key."""
+    path = tmp_path / "server_key.pem"
+
+    def work() -> object:
+        return c.fingerprint(c.spki_der(c.load_or_create_server_key(path, bits=2048)))
+
+    children = [start_child(work) for _ in range(2)]
+    first, second = (finish_child(child) for child in children)
+    assert first == second == c.fingerprint(c.spki_der(RSA.import_key(path.read_bytes())))
+    assert os.listdir(tmp_path) == ["server_key.pem"]
 
 
 # --- §2: server identity ---
@@ -942,26 +1130,37 @@ def test_public_crypto_switch_is_only_the_value_1(rsa_key: RsaKey, spki: bytes):
     assert (child["public"], child["slow"]) == (False, [])
 
 
-def in_child(work: Callable[[], object]) -> object:
-    """Run `work` in a forked child and return what it returns (as JSON, through a pipe);
-    a child that raises, crashes or hangs for 20 s fails the test."""
+def start_child(work: Callable[[], object]) -> tuple[int, int]:
+    """Fork a child that runs `work` and sends what it returns (as JSON) through a pipe;
+    returns (pid, read end) for `finish_child`."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
             os.close(read_end)
-            signal.alarm(20)
+            signal.alarm(2 * WAIT_S)
             os.write(write_end, json.dumps(work()).encode())
             code = 0
         finally:
             os._exit(code)
     os.close(write_end)
+    return pid, read_end
+
+
+def finish_child(child: tuple[int, int]) -> object:
+    """What the child's `work` returned; a child that raised, crashed or hung fails."""
+    pid, read_end = child
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, f"the child ended with status {status}"
     return json.loads(data)
+
+
+def in_child(work: Callable[[], object]) -> object:
+    """Run `work` in a forked child and return what it returned."""
+    return finish_child(start_child(work))
 
 
 def blinding_value(lean: fc.LeanOaep) -> str:
