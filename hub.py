@@ -26,11 +26,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import protocol
+from access import Access, Listed
+from store import Ban, Binding, StoredMessage
 
 # Per record: the JSON array brackets replace one trailing comma, so budget + 1.
 RECORD_BUDGET = protocol.MAX_RECORD_PLAINTEXT - 1
@@ -116,9 +119,14 @@ class Conn:
         self.reason: str | None = None  # why it ended (first cause wins)
         self.bye: str | None = None  # a bye to send after what is due, then close
         self.halted = False  # send nothing more (slow, broken record, flusher let go)
-        # (lock) identity and rate
+        self.bye_entry: bytes | None = None  # that bye with `by`/`message` (§5), if any
+        # (lock) identity, rights and rate
         self.name: str | None = None
         self.name_json: bytes = b""
+        self.identity: str | None = None  # proven fingerprint (§5), set at join
+        self.op = False
+        self.since_ms = 0  # when its join took the name
+        self.muted_until: int | None = None  # ms since the epoch (§5 mute)
         self.bucket: Bucket | None = None
         # (lock) delivery
         self.cursor: int | None = None  # absolute log position; None until joined
@@ -177,9 +185,11 @@ class SharedLog:
         return self.base + len(self.data)
 
     def append(self, data: bytes, urgent: bool) -> tuple[int, int]:
+        """Add one message object; the log holds each followed by a comma."""
         start = self.end
         self.data += data
-        end = start + len(data)
+        self.data += b","
+        end = start + len(data) + 1
         self.ends.append(end)
         if urgent:
             self.urgent_end = end
@@ -217,13 +227,78 @@ class Taken:
         self.retire = retire  # nothing more will come: let go of the connection
 
 
+@dataclass(frozen=True)
+class JoinRequest:
+    """A join that passed every check the reader can make alone (fields, name, proof)."""
+
+    name: str
+    name_json: bytes
+    identity: str | None  # the proven fingerprint
+    identity_json: bytes  # it as JSON, or b"null"
+    history: int | None
+    since: int | None
+    now: float  # monotonic, for the rate bucket
+    now_ms: int  # wall clock, for bans, mutes and `since`
+
+
+@dataclass
+class JoinResult:
+    outcome: str  # "ok", "gone", or the error code that refuses it
+    message: str = ""
+    binding: Binding | None = None  # a new or moved binding to store (§5 open mode)
+    replaced: list[Conn] = field(default_factory=list)  # connections it took over
+
+
+@dataclass(frozen=True)
+class SayEntry:
+    """A say's `message` bytes around its id, built by the reader outside the lock."""
+
+    head: bytes
+    tail: bytes
+    now: float
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class WhoisFacts:
+    name: str
+    identity: str | None
+    op: bool
+    since_ms: int
+    address: str | None
+
+
 class Hub:
     """The registry and the log. Every public method takes the lock itself."""
 
-    def __init__(self, max_clients: int, max_pending: int, rate: int):
+    def __init__(
+        self,
+        max_clients: int,
+        max_pending: int,
+        rate: int,
+        *,
+        max_text: int = protocol.DEFAULT_MAX_TEXT,
+        max_record: int = protocol.MAX_RECORD_FRAME,
+        access: Access | None = None,
+        history: int = 0,
+        kept: Sequence[StoredMessage] = (),
+        first_id: int = 1,
+    ):
         self.max_clients = max_clients
         self.max_pending = max_pending
         self.rate = rate
+        self.max_text = max_text
+        self.max_record = max_record
+        self._access = access if access is not None else Access(frozenset(), None, [], [])
+        self._by_identity: dict[str, Conn] = {}  # proven fingerprint -> joined connection
+        # §6: the last `history` public messages (id, the object's bytes), oldest first,
+        # and those not yet handed to the state writer.
+        self._history = history
+        self._kept: deque[StoredMessage] = deque(list(kept)[-history:] if history else [])
+        self._unsaved: list[StoredMessage] = []
+        # The highest message id that is no longer kept (or may not be: before a restart
+        # the store held only the last `history`); a `since` under it has a gap.
+        self._forgotten = (self._kept[0].id - 1) if self._kept else first_id - 1
         # Guards everything below, every Conn's (lock) fields and every FlushSlot.
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)  # notified when `_conns` empties
@@ -238,7 +313,7 @@ class Hub:
         self._next_slot = 0
         self._wakes: list[FlushSlot] = []  # slots to wake once the lock is released
         self._log = SharedLog(max_pending)
-        self._next_id = 1
+        self._next_id = first_id
         self._shutting_down = False
 
     # --- the lock ---
@@ -342,42 +417,109 @@ class Hub:
 
     # --- events of a keyed connection (its reader thread) ---
 
-    def join(self, conn: Conn, name: str, name_json: bytes, now: float, max_text: int) -> str:
-        """§4 join: register the name, queue `welcome`, announce `joined`.
-
-        Returns "ok", "name_taken", or "gone" (the connection is closing: no
-        ghost may be registered for it).
-        """
-        key = protocol.name_key(name)
-        joined = protocol.encode_joined(name_json) + b","
+    def join(self, conn: Conn, req: JoinRequest) -> JoinResult:
+        """§4/§5/§6 join: checks in §5's order after bad_identity, then register, queue
+        `welcome` and the asked-for history, announce `joined` (or take a name over)."""
+        key = protocol.name_key(req.name)
         with self._locked():
             if conn.phase is not Phase.KEYED:
-                return "gone"
-            if key in self._joined:
-                return "name_taken"
-            welcome = protocol.encode_welcome(name_json, self._names, max_text, self.rate)
-            self._append(joined, urgent=False)
-            self._joined[key] = conn
-            bisect.insort(self._names, name_json)
-            conn._enter(Phase.JOINED)
-            conn.name, conn.name_json = name, name_json
-            conn.cursor = self._log.end
-            conn.bucket = Bucket(self.rate, now)
-            self._push_private(conn, welcome + b",")
-            return "ok"
+                return JoinResult("gone")
+            refusal = self._access.refusal(req.identity, conn.ip, key, req.now_ms)
+            if refusal is not None:
+                return JoinResult(*refusal)
+            holder = self._joined.get(key)
+            takeover = holder is not None and req.identity is not None
+            takeover = takeover and holder.identity == req.identity
+            if holder is not None and not takeover:
+                return JoinResult("name_taken", f"the name {req.name} is taken")
+            replaced: list[Conn] = []
+            if takeover:  # §5: the others see neither left nor joined
+                self._replace(holder, announce=False)
+                replaced.append(holder)
+            elsewhere = self._by_identity.get(req.identity) if req.identity else None
+            if elsewhere is not None:  # the same identity under another name: left(replaced)
+                self._replace(elsewhere, announce=True)
+                replaced.append(elsewhere)
+            self._register(conn, req, key, announce=not takeover)
+            binding = None
+            if req.identity is not None:
+                binding = self._access.bind(req.identity, req.name, key, req.now_ms)
+            return JoinResult("ok", binding=binding, replaced=replaced)
 
-    def say(self, conn: Conn, head: bytes, tail: bytes, now: float) -> tuple[str, list[Conn]]:
-        """§4 say: assign an id and log it. Returns ("ok"|"rate_limited"|"gone", slow)."""
+    def _register(self, conn: Conn, req: JoinRequest, key: str, announce: bool) -> None:
+        assert self._held()
+        if announce:
+            self._append(protocol.encode_joined(req.name_json, req.identity_json), urgent=False)
+        names = self._names
+        replay, gap = self._replay(req.history, req.since)
+        welcome = protocol.encode_welcome(
+            req.name_json,
+            names,
+            self.max_text,
+            self.rate,
+            access=self._access.mode,
+            identity=req.identity_json,
+            op=self._access.is_op(req.identity),
+            max_record=self.max_record,
+            last_id=self._next_id - 1,
+            gap=gap,
+        )
+        self._joined[key] = conn
+        bisect.insort(names, req.name_json)
+        if req.identity is not None:
+            self._by_identity[req.identity] = conn
+        conn._enter(Phase.JOINED)
+        conn.name, conn.name_json, conn.identity = req.name, req.name_json, req.identity
+        conn.op = self._access.is_op(req.identity)
+        conn.since_ms = req.now_ms
+        conn.muted_until = self._access.muted_until(req.identity, req.now_ms)
+        conn.cursor = self._log.end
+        conn.bucket = Bucket(self.rate, req.now)
+        self._push_private(conn, welcome + b",")
+        for kept in replay:
+            self._push_private(conn, protocol.mark_history(kept.entry) + b",")
+
+    def _replay(self, history: int | None, since: int | None) -> tuple[list[StoredMessage], bool]:
+        """§6: the kept messages a join asked for (none unless it asked), and `gap`:
+        whether a message above `since` will not be sent (forgotten, or over `history`)."""
+        if history is None and since is None:
+            return [], False
+        kept = list(self._kept)
+        if since is not None:
+            kept = [m for m in kept if m.id > since]
+        wanted = kept if history is None else kept[len(kept) - history :] if history else []
+        gap = since is not None and (self._forgotten > since or len(wanted) < len(kept))
+        return wanted, gap
+
+    def _replace(self, old: Conn, announce: bool) -> None:
+        """§5 take-over: `old` gets bye(replaced); `left` (replaced) only if `announce`."""
+        assert self._held()
+        self._remove(old, "replaced", announce=announce)
+        old.bye = "replaced"
+
+    def say(self, conn: Conn, say: SayEntry) -> tuple[str, list[Conn]]:
+        """§4 say: assign an id, log it, keep it (§6). Returns (outcome, dropped as slow)."""
         with self._locked():
             if conn.phase is not Phase.JOINED:
                 return "gone", []
-            if not conn.bucket.take(now):
+            if self._is_muted(conn, say.now_ms):
+                return "muted", []
+            if not conn.bucket.take(say.now):
                 return "rate_limited", []
             msg_id = self._next_id
             self._next_id += 1
-            span = self._append(b"%s%d%s," % (head, msg_id, tail))
+            message = b"%s%d%s" % (say.head, msg_id, say.tail)
+            span = self._append(message)
             conn.own.append(span)
             conn.own_bytes += span[1] - span[0]
+            if self._history:
+                if len(self._kept) == self._history:
+                    self._forgotten = self._kept[0].id
+                kept = StoredMessage(msg_id, message)
+                self._kept.append(kept)
+                self._unsaved.append(kept)
+            else:
+                self._forgotten = msg_id
             return "ok", self._compact()
 
     def dm(
@@ -390,6 +532,8 @@ class Hub:
             target = self._joined.get(protocol.name_key(to))
             if target is None:
                 return "unknown_user", None
+            if self._is_muted(conn, ts):
+                return "muted", None
             if not conn.bucket.take(now):
                 return "rate_limited", None
             msg_id = self._next_id
@@ -400,10 +544,113 @@ class Hub:
                 return "ok", target
             return "ok", None
 
-    def users(self) -> bytes:
-        """§4 who: the `users` entry, every joined name in order."""
+    def _is_muted(self, conn: Conn, now_ms: int) -> bool:
+        until = conn.muted_until
+        if until is not None and until <= now_ms:
+            conn.muted_until = until = None
+        return until is not None
+
+    def users(self, conn: Conn, now: float) -> bytes | None:
+        """§4 who: the `users` entry, or None when the rate limit says no (revision 2)."""
         with self._locked():
+            if conn.bucket is not None and not conn.bucket.take(now):
+                return None
             return protocol.encode_users(self._names) + b","
+
+    def find(self, name: str) -> Conn | None:
+        """The joined connection under `name` (matched like dm.to), if any."""
+        with self._locked():
+            return self._joined.get(protocol.name_key(name))
+
+    def whois(self, conn: Conn, name: str, now: float) -> tuple[str, WhoisFacts | None]:
+        """§5 whois: ("ok", facts), ("unknown_user", None) or ("rate_limited", None)."""
+        with self._locked():
+            target = self._joined.get(protocol.name_key(name))
+            if target is None:
+                return "unknown_user", None
+            if not conn.bucket.take(now):
+                return "rate_limited", None
+            address = target.ip if conn.op else None
+            facts = WhoisFacts(target.name, target.identity, target.op, target.since_ms, address)
+            return "ok", facts
+
+    # --- moderation (§5; the reader has checked the operator and the fields) ---
+
+    def kick(self, target: Conn, reason: str, by: Conn, bye_entry: bytes) -> bool:
+        """Kick or ban `target`: bye (`reason`, with by/message), left (`reason`, by).
+
+        False if `target` is no longer joined.
+        """
+        with self._locked():
+            if target.phase is not Phase.JOINED:
+                return False
+            self._remove(target, reason, by_json=by.name_json)
+            target.bye = reason
+            target.bye_entry = bye_entry
+            return True
+
+    def ban(
+        self, target: Conn, ban_for: Callable[[str], Ban], by: Conn, bye_entry: bytes
+    ) -> Ban | None:
+        """§5 ban: bans the target's identity (or its address), then kicks it."""
+        with self._locked():
+            if target.phase is not Phase.JOINED:
+                return None
+            ban = ban_for(target.identity or target.ip)
+            self._access.add_ban(ban)
+            self._remove(target, "banned", by_json=by.name_json)
+            target.bye = "banned"
+            target.bye_entry = bye_entry
+            return ban
+
+    def unban(self, who: str, now_ms: int) -> bool:
+        with self._locked():
+            return self._access.remove_ban(who, now_ms)
+
+    def bans(self, now_ms: int) -> list[Ban]:
+        with self._locked():
+            return self._access.active_bans(now_ms)
+
+    def mute(
+        self, target: Conn, until: int | None, op: Conn, to_target: bytes, to_op: bytes
+    ) -> bool:
+        """§5 mute (until None lifts it): tell the target and the operator. False if gone."""
+        with self._locked():
+            if target.phase is not Phase.JOINED:
+                return False
+            target.muted_until = until
+            if target.identity is not None:
+                self._access.mute(target.identity, until)
+            self._push_private(target, to_target + b",")
+            if op is not target:
+                self._push_private(op, to_op + b",")
+            return True
+
+    def set_allowlist(self, allow: dict[str, Listed]) -> list[Conn]:
+        """§5 SIGHUP: the new list applies at once; returns the clients it shuts out."""
+        with self._locked():
+            self._access.set_allowlist(allow)
+            out: list[Conn] = []
+            for key, conn in list(self._joined.items()):
+                if not self._access.still_allowed(conn.identity, key):
+                    self._remove(conn, "not_allowed")
+                    conn.bye = "not_allowed"
+                    out.append(conn)
+                else:
+                    conn.op = self._access.is_op(conn.identity)
+            return out
+
+    # --- §6: what the state writer persists ---
+
+    def unsaved(self) -> list[StoredMessage]:
+        """The kept messages not yet handed to the writer, in id order; they are now."""
+        with self._locked():
+            batch, self._unsaved = self._unsaved, []
+            return batch
+
+    def last_id(self) -> int:
+        with self._locked():
+            return self._next_id - 1
 
     def reply(self, conn: Conn, data: bytes) -> bool:
         """Queue one encoded reply for `conn` alone; True if that made it too slow (dropped)."""
@@ -569,7 +816,8 @@ class Hub:
             if not pieces:
                 if conn.bye is not None and not conn.bye_sent:
                     conn.bye_sent = True
-                    return Taken([entry(protocol.bye(conn.bye))], final=True)
+                    bye = conn.bye_entry or entry(protocol.bye(conn.bye))
+                    return Taken([bye], final=True)
                 if conn.ended:
                     return Taken([], retire=True)
                 return None
@@ -628,7 +876,9 @@ class Hub:
         self._want(conn)
         return first
 
-    def _remove(self, conn: Conn, reason: str) -> bool:
+    def _remove(
+        self, conn: Conn, reason: str, *, announce: bool = True, by_json: bytes | None = None
+    ) -> bool:
         """Unregister once; announce `left` if it had joined. False if already removed."""
         assert self._held()
         if conn.ended:
@@ -637,11 +887,15 @@ class Hub:
         conn._enter(Phase.CLOSING)
         conn.reason = reason
         if was_joined:
-            del self._joined[protocol.name_key(conn.name)]
-            self._names.remove(conn.name_json)
+            key = protocol.name_key(conn.name)
+            if self._joined.get(key) is conn:  # not when its name was taken over
+                del self._joined[key]
+                self._names.remove(conn.name_json)
+            if conn.identity is not None and self._by_identity.get(conn.identity) is conn:
+                del self._by_identity[conn.identity]
             conn.final_end = self._log.end
-            if not self._shutting_down:
-                left = protocol.encode_left(conn.name_json, reason) + b","
+            if announce and not self._shutting_down:
+                left = protocol.encode_left(conn.name_json, reason, by_json)
                 self._append(left, urgent=False)
         self._want(conn)
         return True

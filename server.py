@@ -50,10 +50,14 @@ from typing import Any
 
 import crypto_utils
 import protocol
+from access import FINGERPRINT_RE, Access, AllowlistError, Listed, parse_allowlist
 from crypto_utils import CryptoError
 from flusher import Flusher, wake
-from hub import RECORD_BUDGET, Conn, Hub, entry
+from hub import RECORD_BUDGET, Conn, Hub, JoinRequest, SayEntry, entry
+from moderation import Moderation
 from protocol import ByeProtocol, CloseSilently, Refused
+from statewriter import ID_BLOCK, StateWriter
+from store import StoreError, open_store
 
 log = logging.getLogger("bcast.server")
 
@@ -67,6 +71,7 @@ DEFAULT_IDLE_TIMEOUT_S = 120.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024
+DEFAULT_HISTORY = 100  # §6: public messages kept for those who ask
 # One read's worth (the buffer exists only while a recv() runs: readers wait in
 # poll()). 64 KiB measured no better on fan-out and ~10 % worse with 10 clients.
 RECV_CHUNK_BYTES = 256 * 1024
@@ -108,12 +113,37 @@ class Settings:
     send_timeout: float = DEFAULT_SEND_TIMEOUT_S
     max_pending: int = DEFAULT_MAX_PENDING_BYTES
     log_level: str = "INFO"
+    state: Path = field(default_factory=lambda: default_data_file("state.db"))
+    history: int = DEFAULT_HISTORY
+    allow: Path | None = None  # §5 allowlist mode when given
+    ops: tuple[str, ...] = ()  # §5 operators' fingerprints, in either mode
+
+
+def default_data_file(name: str) -> Path:
+    """$XDG_DATA_HOME/bcast/NAME, i.e. ~/.local/share/bcast/ by default."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "bcast" / name
 
 
 def default_key_file() -> Path:
-    """$XDG_DATA_HOME/bcast/server_key.pem, i.e. ~/.local/share/bcast/ by default."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(base) / "bcast" / "server_key.pem"
+    return default_data_file("server_key.pem")
+
+
+def cut(text: object, limit: int = 64) -> str:
+    """A peer-supplied string as a log line shows it: at most `limit` characters, escaped."""
+    text = str(text)
+    shown = repr(text[:limit])
+    return shown + "..." if len(text) > limit else shown
+
+
+def read_allowlist(path: Path) -> dict[str, Listed]:
+    """§5: the allow file, parsed; AllowlistError (one sentence) if unreadable or bad."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise AllowlistError(f"cannot read the allow file {path}: {why}") from None
+    return parse_allowlist(text, str(path))
 
 
 class Server:
@@ -133,7 +163,13 @@ class Server:
                 "public API instead (correct, but handshakes or records cost more CPU)",
                 " and ".join(slow),
             )
-        self.hub = Hub(settings.max_clients, settings.max_pending, settings.rate)
+        self.store = open_store(settings.state)
+        try:
+            self.hub, self.writer = self._load_state(settings)
+        except BaseException:
+            self.store.close()
+            raise
+        self.moderation = Moderation(self.hub, self.writer)
         self.flushers = [
             Flusher(self.hub, i, settings.send_timeout, self.close) for i in range(FLUSHERS)
         ]
@@ -142,6 +178,47 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._reaper_wake = threading.Event()
         self._stopped = threading.Event()
+
+    def _load_state(self, settings: Settings) -> tuple[Hub, StateWriter]:
+        """§5/§6: bindings, bans, kept messages and the id floor from the store."""
+        allow = read_allowlist(settings.allow) if settings.allow is not None else None
+        now_ms = int(time.time() * 1000)
+        access = Access(
+            frozenset(settings.ops),
+            allow,
+            self.store.load_bindings(),
+            self.store.load_bans(now_ms),
+        )
+        floor = self.store.load_id_floor()
+        reserved = floor + ID_BLOCK
+        self.store.reserve_ids(reserved)  # before any id is handed out: none is ever reused
+        kept = self.store.load_messages(settings.history) if settings.history else []
+        hub = Hub(
+            settings.max_clients,
+            settings.max_pending,
+            settings.rate,
+            max_text=settings.max_text,
+            access=access,
+            history=settings.history,
+            kept=kept,
+            first_id=floor + 1,
+        )
+        return hub, StateWriter(self.store, hub, settings.history, reserved)
+
+    def reload_allowlist(self) -> None:
+        """§5 SIGHUP: re-read the allow file; on a bad file keep the old list and say why."""
+        if self.settings.allow is None:
+            log.info("SIGHUP: no allow file (open mode), nothing to re-read")
+            return
+        try:
+            allow = read_allowlist(self.settings.allow)
+        except AllowlistError as exc:
+            log.error("%s; the previous allowlist stays in force", exc)
+            return
+        shut_out = self.hub.set_allowlist(allow)
+        log.info("re-read %s: %d identities listed", self.settings.allow, len(allow))
+        for conn in shut_out:
+            log.info("%s is no longer on the allowlist: closed", conn.describe())
 
     # --- lifecycle ---
 
@@ -175,6 +252,7 @@ class Server:
         self._threads += [flusher.thread for flusher in self.flushers]
         for thread in self._threads:
             thread.start()
+        self.writer.start()
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """§4 SIGTERM: stop accepting, `bye` (shutdown) to keyed clients, no `left`."""
@@ -193,6 +271,7 @@ class Server:
         for flusher in self.flushers:
             flusher.thread.join(max(0.1, deadline - time.monotonic()))
             flusher.close_pipe()
+        self.writer.stop()  # §6: after SIGTERM everything kept survives
         log.info("server stopped")
 
     # --- accepting ---
@@ -283,6 +362,8 @@ class Reader:
     def __init__(self, server: Server, conn: Conn):
         self.server = server
         self.hub = server.hub
+        self.moderation = server.moderation
+        self.transcript = b""  # §5: what an identity proof signs, once keyed
         self.settings = server.settings
         self.conn = conn
 
@@ -344,6 +425,9 @@ class Reader:
         k_c2s, k_s2c = crypto_utils.server_keys(
             server.key, server.spki, nonce, eph, key_msg.nonce, key_msg.secret, key_msg.eph
         )
+        self.transcript = crypto_utils.identity_transcript(
+            server.spki, nonce, key_msg.nonce, eph.public, key_msg.eph
+        )
         del eph  # forward secrecy: the private half is gone (exchange() already dropped it)
         decoder.max_len = protocol.MAX_RECORD_FRAME
         conn.rx = crypto_utils.RecordCipher(k_c2s)
@@ -384,32 +468,49 @@ class Reader:
     # --- messages ---
 
     def _apply(self, obj: dict[str, Any]) -> bool:
-        """Apply one message; False once the connection is to end (leave)."""
+        """Apply one message; False once the connection is to end (leave, refused join)."""
         conn = self.conn
         try:
             kind = protocol.message_type(obj)
-            if conn.name is None and kind in ("say", "dm", "who"):
-                raise Refused("not_joined", f"join before sending {kind}")
-            if conn.name is not None and kind == "join":
-                raise Refused("already_joined", f"you already joined as {conn.name}")
+            protocol.check_state(kind, conn.name, conn.op)  # §4 order: joined, then operator
             msg = protocol.parse_client_message(obj, self.settings.max_text)
-            if isinstance(msg, protocol.Say):
-                self._say(msg)
-            elif isinstance(msg, protocol.Dm):
-                self._dm(msg)
-            elif isinstance(msg, protocol.Join):
-                self._join(msg)
-            elif isinstance(msg, protocol.Ping):
-                self._reply(protocol.pong(msg.id))
-            elif isinstance(msg, protocol.Who):
-                self._push_reply(self.hub.users())
-            else:
-                self.hub.leave(conn)
-                log.info("%s left", conn.describe())
-                return False
+            return self._dispatch(msg)
         except Refused as refusal:
-            log.debug("refused from %s: %s (%s)", conn.peer, refusal.code, refusal.message)
+            log.debug("refused from %s: %s (%s)", conn.peer, refusal.code, cut(refusal.message))
             self._reply(protocol.error(refusal.code, refusal.message))
+        return True
+
+    def _dispatch(self, msg: protocol.ClientMessage) -> bool:
+        conn, mod = self.conn, self.moderation
+        if isinstance(msg, protocol.Say):
+            self._say(msg)
+        elif isinstance(msg, protocol.Dm):
+            self._dm(msg)
+        elif isinstance(msg, protocol.Join):
+            return self._join(msg)
+        elif isinstance(msg, protocol.Ping):
+            self._reply(protocol.pong(msg.id))
+        elif isinstance(msg, protocol.Who):
+            users = self.hub.users(conn, time.monotonic())
+            if users is None:
+                raise self._rate_limited()
+            self._push_reply(users)
+        elif isinstance(msg, protocol.Whois):
+            self._push_reply(mod.whois(conn, msg, time.monotonic()))
+        elif isinstance(msg, protocol.Kick):
+            mod.kick(conn, msg)
+        elif isinstance(msg, protocol.Ban):
+            mod.ban(conn, msg)
+        elif isinstance(msg, protocol.Unban):
+            self._push_reply(mod.unban(conn, msg))
+        elif isinstance(msg, protocol.Mute):
+            mod.mute(conn, msg)
+        elif isinstance(msg, protocol.Bans):
+            self._push_reply(mod.bans())
+        else:
+            self.hub.leave(conn)
+            log.info("%s left", conn.describe())
+            return False
         return True
 
     def _reply(self, obj: dict[str, Any]) -> None:
@@ -429,23 +530,53 @@ class Reader:
     def _rate_limited(self) -> Refused:
         return Refused("rate_limited", f"more than {self.settings.rate} messages per second")
 
-    def _join(self, msg: protocol.Join) -> None:
+    def _join(self, msg: protocol.Join) -> bool:
+        """§5 join: the proof first (bad_identity), then the hub's checks and registration."""
         conn = self.conn
-        name_json = protocol.json_string(msg.name)
-        now = time.monotonic()
-        outcome = self.hub.join(conn, msg.name, name_json, now, self.settings.max_text)
-        if outcome == "name_taken":
-            log.info("%s: join as %r refused: the name is taken", conn.peer, msg.name)
-            raise Refused("name_taken", f"the name {msg.name} is taken")
-        if outcome == "ok":
-            log.info("%s joined as %r", conn.peer, msg.name)
+        identity = None
+        if msg.identity is not None:
+            if not crypto_utils.verify_identity(msg.identity, msg.proof, self.transcript):
+                raise Refused(
+                    "bad_identity", "the identity proof does not verify on this connection"
+                )
+            identity = crypto_utils.identity_fingerprint(msg.identity)
+        request = JoinRequest(
+            name=msg.name,
+            name_json=protocol.json_string(msg.name),
+            identity=identity,
+            identity_json=protocol.json_string(identity) if identity else b"null",
+            history=msg.history,
+            since=msg.since,
+            now=time.monotonic(),
+            now_ms=int(time.time() * 1000),
+        )
+        result = self.hub.join(conn, request)
+        if result.outcome == "gone":
+            return False
+        if result.outcome in ("not_allowed", "banned"):  # §5: error, then bye and close
+            self._reply(protocol.error(result.outcome, result.message))
+            self.server.end(conn, result.outcome, bye=True, why=f"join as {cut(msg.name)}")
+            return False
+        if result.outcome != "ok":
+            log.info("%s: join as %s refused: %s", conn.peer, cut(msg.name), result.outcome)
+            raise Refused(result.outcome, result.message)
+        for old in result.replaced:  # its flusher sends bye (replaced) and closes it
+            log.info("%s replaced by a newer connection of its identity", old.describe())
+        if result.binding is not None and self.server.writer is not None:
+            self.server.writer.bind(result.binding)
+        who = f" with identity {identity}" if identity else ""
+        log.info("%s joined as %s%s", conn.peer, cut(msg.name), who)
+        return True
 
     def _say(self, msg: protocol.Say) -> None:
         ts = int(time.time() * 1000)
         head, tail = protocol.encode_message_parts(
-            self.conn.name_json, protocol.json_string(msg.text), ts
+            self.conn.name_json, protocol.json_string(msg.text), ts, msg.action
         )
-        outcome, slow = self.hub.say(self.conn, head, tail, time.monotonic())
+        say = SayEntry(head, tail, time.monotonic(), ts)
+        outcome, slow = self.hub.say(self.conn, say)
+        if outcome == "muted":
+            raise Refused("muted", "you are muted")
         if outcome == "rate_limited":
             raise self._rate_limited()
         self._dropped_slow(slow)
@@ -456,6 +587,8 @@ class Reader:
         outcome, slow = self.hub.dm(self.conn, msg.to, text, ts, time.monotonic())
         if outcome == "unknown_user":
             raise Refused("unknown_user", f"no user named {msg.to[:64]}")
+        if outcome == "muted":
+            raise Refused("muted", "you are muted")
         if outcome == "rate_limited":
             raise self._rate_limited()
         if slow is not None:
@@ -530,6 +663,15 @@ FLAGS: list[tuple[str, Any, Any, str]] = [
         DEFAULT_MAX_PENDING_BYTES,
         "bytes that may wait for one client before it is dropped as slow",
     ),
+    (
+        "state",
+        Path,
+        None,
+        "state file: kept messages, the id counter, name bindings and bans "
+        "(default $XDG_DATA_HOME/bcast/state.db)",
+    ),
+    ("history", int, DEFAULT_HISTORY, "public messages kept for those who ask; 0 keeps none"),
+    ("allow", Path, None, "allowlist file: only the identities listed there may join"),
 ]
 
 
@@ -551,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get(env, default),
             help=f"{text}; {env}{shown}",
         )
+    p.add_argument(
+        "--op",
+        action="append",
+        metavar="FINGERPRINT",
+        default=None,
+        help="an operator's identity fingerprint (repeatable); BCAST_OP (space-separated)",
+    )
     p.add_argument(
         "--log-level",
         type=str.upper,
@@ -585,6 +734,18 @@ def settings_from_args(argv: list[str] | None) -> Settings:
             f"--log-level (or BCAST_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}",
         ),
     ]
+    ops = tuple(args.op if args.op is not None else os.environ.get("BCAST_OP", "").split())
+    checks += [
+        (args.history >= 0, "--history must be 0 (keep none) or more"),
+        *[
+            (
+                FINGERPRINT_RE.fullmatch(op) is not None,
+                f"--op {cut(op)} is not a SHA256: "
+                "fingerprint (python3 client.py --show-identity prints one)",
+            )
+            for op in ops
+        ],
+    ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -600,6 +761,10 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         send_timeout=args.send_timeout,
         max_pending=args.max_pending,
         log_level=args.log_level,
+        state=Path(args.state) if args.state else default_data_file("state.db"),
+        history=args.history,
+        allow=Path(args.allow) if args.allow else None,
+        ops=ops,
     )
 
 
@@ -618,9 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"creating a new server key at {settings.key_file} ...", flush=True)
     try:
         server = Server(settings)
-    except CryptoError as exc:
+    except (CryptoError, StoreError, AllowlistError) as exc:  # one sentence, exit 2
         print(f"server.py: {exc}", file=sys.stderr)
-        return 1
+        return 2
     try:
         server.listen()
     except OSError as exc:
@@ -630,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     print(f"bcast server listening on {host}:{port}", flush=True)
     print(f"key file: {settings.key_file}", flush=True)
+    print(f"state file: {settings.state}", flush=True)
     print(f"fingerprint: {server.fingerprint}", flush=True)
     print(
         f"connect with: python3 client.py --host {host} --port {port} "
@@ -642,8 +808,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_until_signal(server: Server) -> int:
-    """Serve until SIGINT or SIGTERM; a second signal exits at once."""
+    """Serve until SIGINT or SIGTERM (a second one exits at once); SIGHUP re-reads --allow."""
     stop = threading.Event()
+    hup = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         if stop.is_set():
@@ -651,10 +818,16 @@ def run_until_signal(server: Server) -> int:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    def on_hup(_signum: int, _frame: Any) -> None:
+        hup.set()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not stop.wait(0.5):
-        pass
+    signal.signal(signal.SIGHUP, on_hup)
+    while not stop.wait(0.1):
+        if hup.is_set():
+            hup.clear()
+            server.reload_allowlist()
     server.shutdown()
     logging.shutdown()
     return 0

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import crypto_utils  # noqa: E402
 import server  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test touches the user's ~/.local/share/bcast: XDG_DATA_HOME is a temp folder."""
+    old = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if old is None:
+        del os.environ["XDG_DATA_HOME"]
+    else:
+        os.environ["XDG_DATA_HOME"] = old
+
 
 # 2048 bits is the protocol's minimum and generates in a fraction of the time of 3072.
 TEST_RSA_BITS = 2048
@@ -41,16 +55,20 @@ def server_key(key_file: Path):
 
 @contextlib.contextmanager
 def running_server(key_file: Path, key=None, **overrides) -> Iterator[server.Server]:
-    """A server on 127.0.0.1 port 0 in this process, shut down afterwards."""
-    settings = dataclasses.replace(
-        server.Settings(host="127.0.0.1", port=0, key_file=key_file), **overrides
-    )
-    srv = server.Server(settings, key=key)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
+    """A server on 127.0.0.1 port 0 in this process, shut down afterwards.
+
+    Each gets a state file of its own in a fresh folder unless `state` is given.
+    """
+    with tempfile.TemporaryDirectory(prefix="bcast-state-") as folder:
+        base = server.Settings(
+            host="127.0.0.1", port=0, key_file=key_file, state=Path(folder) / "state.db"
+        )
+        srv = server.Server(dataclasses.replace(base, **overrides), key=key)
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.shutdown()
 
 
 @pytest.fixture
@@ -67,6 +85,9 @@ def run_server(key_file: Path, server_key):
 def server_process(key_file: Path, *args: str, env: dict | None = None):
     """`python3 server.py` as a subprocess on port 0; yields (proc, host, port, fingerprint)."""
     cmd = [sys.executable, str(ROOT / "server.py"), "--port", "0", "--key-file", str(key_file)]
+    if "--state" not in args:  # a state file of its own, in a folder removed at the end
+        folder = tempfile.mkdtemp(prefix="bcast-state-")
+        cmd += ["--state", str(Path(folder) / "state.db")]
     proc = subprocess.Popen(
         [*cmd, *args],
         stdout=subprocess.PIPE,

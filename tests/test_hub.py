@@ -24,9 +24,23 @@ def keyed_conn(hub: Hub, slot: hubmod.FlushSlot, port: int) -> Conn:
     return conn
 
 
-def joined_conn(hub: Hub, slot: hubmod.FlushSlot, name: str, port: int) -> Conn:
+def request(name: str, identity: str | None = None, **fields) -> hubmod.JoinRequest:
+    """A join as the reader hands it to the hub (checks of fields and proof passed)."""
+    return hubmod.JoinRequest(
+        name=name,
+        name_json=protocol.json_string(name),
+        identity=identity,
+        identity_json=protocol.json_string(identity) if identity else b"null",
+        history=fields.get("history"),
+        since=fields.get("since"),
+        now=0.0,
+        now_ms=fields.get("now_ms", 1000),
+    )
+
+
+def joined_conn(hub: Hub, slot: hubmod.FlushSlot, name: str, port: int, **fields) -> Conn:
     conn = keyed_conn(hub, slot, port)
-    assert hub.join(conn, name, protocol.json_string(name), 0.0, 16384) == "ok"
+    assert hub.join(conn, request(name, **fields)).outcome == "ok"
     return conn
 
 
@@ -42,7 +56,7 @@ def drain(hub: Hub, conn: Conn, slot: hubmod.FlushSlot) -> list[dict]:
 
 def say(hub: Hub, conn: Conn, text: str) -> tuple[str, list[Conn]]:
     head, tail = protocol.encode_message_parts(conn.name_json, protocol.json_string(text), 1)
-    return hub.say(conn, head, tail, 0.0)
+    return hub.say(conn, hubmod.SayEntry(head, tail, 0.0, 1))
 
 
 @pytest.fixture
@@ -86,12 +100,12 @@ def test_join_say_who_leave(hub_slot) -> None:
     bob = joined_conn(hub, slot, "bob", 2)
     assert ana.phase is Phase.JOINED
     assert [m["type"] for m in drain(hub, ana, slot)] == ["welcome", "joined"]
-    assert drain(hub, bob, slot)[0] == protocol.welcome("bob", ["ana"], 16384, 0)
+    assert drain(hub, bob, slot)[0] == protocol.welcome("bob", ["ana"], 16384, 0, last_id=0)
     assert say(hub, ana, "hi")[0] == "ok"
     assert drain(hub, ana, slot) == []
     (got,) = drain(hub, bob, slot)
     assert (got["type"], got["id"], got["text"]) == ("message", 1, "hi")
-    assert hub.users() == b'{"type":"users","names":["ana","bob"]},'
+    assert hub.users(ana, 0.0) == b'{"type":"users","names":["ana","bob"]},'
     hub.leave(bob)
     assert bob.phase is Phase.CLOSING and bob.bye == "leave"
     assert drain(hub, ana, slot) == [protocol.left("bob", "leave")]
@@ -101,12 +115,12 @@ def test_join_say_who_leave(hub_slot) -> None:
 def test_name_taken_and_no_ghost_after_drop(hub_slot) -> None:
     """§4 name_taken; a join read after its connection was dropped registers nothing."""
     hub, slot = hub_slot
-    joined_conn(hub, slot, "ana", 1)
+    ana = joined_conn(hub, slot, "ana", 1)
     other = keyed_conn(hub, slot, 2)
-    assert hub.join(other, "ANA", b'"ANA"', 0.0, 16384) == "name_taken"
+    assert hub.join(other, request("ANA")).outcome == "name_taken"
     assert hub.drop(other, "slow", bye=False)
-    assert hub.join(other, "carl", b'"carl"', 0.0, 16384) == "gone"
-    assert hub.users() == b'{"type":"users","names":["ana"]},'
+    assert hub.join(other, request("carl")).outcome == "gone"
+    assert hub.users(ana, 0.0) == b'{"type":"users","names":["ana"]},'
 
 
 def test_dm_only_to_its_recipient(hub_slot) -> None:

@@ -240,7 +240,8 @@ def test_second_sigint_exits_at_once(key_file: Path) -> None:
 def vanish_server(key_file: Path) -> Iterator[tuple[int, StderrTail, RefPeer]]:
     """One subprocess server (log level DEBUG) and an observer `alice` for the vanishing tests."""
     args = ("--log-level", "DEBUG", "--handshake-timeout", LONG, "--idle-timeout", LONG)
-    with server_process(key_file, *args) as (proc, tail, port):
+    # rate 0: alice's `who` after every case takes a token (revision 2)
+    with server_process(key_file, *args, "--rate", "0") as (proc, tail, port):
         alice, _ = connect_and_join("127.0.0.1", port, "alice", timeout=5.0)
         with alice:
             yield port, tail, alice
