@@ -476,7 +476,15 @@ class Reader:
             msg = protocol.parse_client_message(obj, self.settings.max_text)
             return self._dispatch(msg)
         except Refused as refusal:
-            log.debug("refused from %s: %s (%s)", conn.peer, refusal.code, cut(refusal.message))
+            # A refused join is worth a line (who tried which name); the rest is chatter.
+            level = logging.INFO if obj.get("type") == "join" else logging.DEBUG
+            log.log(
+                level,
+                "%s: %s refused: %s",
+                conn.describe(),
+                cut(obj["type"], 16),
+                cut(refusal.message, 120),
+            )
             self._reply(protocol.error(refusal.code, refusal.message))
         return True
 
@@ -558,7 +566,6 @@ class Reader:
             self.server.end(conn, result.outcome, bye=True, why=f"join as {cut(msg.name)}")
             return False
         if result.outcome != "ok":
-            log.info("%s: join as %s refused: %s", conn.peer, cut(msg.name), result.outcome)
             raise Refused(result.outcome, result.message)
         for old in result.replaced:  # its flusher sends bye (replaced) and closes it
             log.info("%s replaced by a newer connection of its identity", old.describe())

@@ -469,3 +469,26 @@ def test_logging_events_at_info_never_text_or_keys(run_server, caplog) -> None:
         text = record.getMessage() + (record.exc_text or "")
         for needle in forbidden:
             assert needle not in text, f"{needle[:20]}... logged at {record.levelname}: {text}"
+
+
+def test_log_lines_name_refused_joins_and_say_reasons_in_words(run_server, caplog) -> None:
+    """Issue 15 bug 8: a refused name is logged at INFO with why; a closed connection is
+    named by its name and address with its reason in words, never an internal repr."""
+    caplog.set_level(logging.INFO, logger="bcast.server")
+    with run_server(rate=0, send_timeout=0.3, max_pending=65536) as srv:
+        alice, _ = connect_and_join(*srv.address, "alice")
+        with alice:
+            late = RefPeer.connect(*srv.address, timeout=5.0)
+            with late:
+                assert late.join("alice")["code"] == "name_taken"
+                assert late.join("bad name!")["code"] == "invalid_name"
+            bob, _ = connect_and_join(*srv.address, "bob")
+            bob.sock.close()  # vanishes without leave
+            assert alice.recv_until("left", 5)[0]["name"] == "bob"
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    refused = [line for line in lines if "join" in line and "refused" in line]
+    assert any("'alice' is taken" in line or "alice is taken" in line for line in refused), lines
+    assert any("invalid" in line or "the name" in line for line in refused[1:]), refused
+    assert not any("<Conn" in line for line in lines), lines
+    closed = [line for line in lines if line.startswith("bob (127.0.0.1:")]
+    assert closed and "disconnected" in closed[0], lines
