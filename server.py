@@ -48,7 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import crypto_utils
+# The one third-party package (pycryptodome, imported by crypto_utils): a terminal without
+# the venv gets one sentence saying what to do instead of a ModuleNotFoundError traceback.
+try:
+    import crypto_utils
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] != "Crypto":
+        raise
+    sys.stderr.write(
+        f"server.py: the Python package pycryptodome is missing (no module named {exc.name!r}); "
+        "install it with `python3 -m pip install -r requirements.txt`, or use the project's "
+        "venv: `. .venv/bin/activate` in each new terminal, or run `.venv/bin/python server.py`\n"
+    )
+    sys.exit(2)
 import protocol
 from access import FINGERPRINT_RE, Access, AllowlistError, Listed, parse_allowlist
 from crypto_utils import CryptoError

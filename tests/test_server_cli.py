@@ -237,3 +237,19 @@ def test_slow_paths_names_each_fallback(server_key, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(crypto_utils, "_UNWRAPPERS", {})
     monkeypatch.setattr(crypto_utils._LeanOaep, "decrypt", lambda self, ciphertext: b"")
     assert crypto_utils.slow_paths(server_key) == ["AES-GCM records", "RSA-OAEP"]
+
+
+def test_missing_pycryptodome_is_one_sentence_exit_2() -> None:
+    """Issue 15 bug 9: without the venv, server.py prints one sentence saying what to install
+    and how, and exits 2 (no ModuleNotFoundError traceback)."""
+    no_crypto = (
+        "import runpy, sys; sys.modules['Crypto'] = None; "
+        "sys.argv = ['server.py', '--port', '0']; "
+        f"runpy.run_path({str(ROOT / 'server.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", no_crypto], capture_output=True, text=True, timeout=WAIT_S
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "pycryptodome" in done.stderr and "requirements.txt" in done.stderr
