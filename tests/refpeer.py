@@ -25,12 +25,17 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -381,6 +386,298 @@ class RefRecordCipher:
         return plaintext
 
 
+# --- §5 client identity --------------------------------------------------------------------------
+
+IDENTITY_LABEL = b"bcast/1 identity"
+IDENTITY_BYTES = 32  # §5: raw Ed25519 public key
+PROOF_BYTES = 64  # §5: Ed25519 signature R || S
+# RFC 8032 §5.1: the field, the curve constant d, the group order L and the base point.
+ED_P = 2**255 - 19
+ED_L = 2**252 + 27742317777372353535851937790883648493
+ED_D = -121665 * pow(121666, ED_P - 2, ED_P) % ED_P
+_SQRT_M1 = pow(2, (ED_P - 1) // 4, ED_P)
+_BASE_Y = 4 * pow(5, ED_P - 2, ED_P) % ED_P
+Point = tuple[int, int, int, int]  # extended homogeneous coordinates (X, Y, Z, T)
+
+
+def identity_transcript(
+    server_spki: bytes,
+    server_nonce: bytes,
+    client_nonce: bytes,
+    server_eph: bytes,
+    client_eph: bytes,
+) -> bytes:
+    """What a `join` proof signs (§5): this connection's handshake values, in this order."""
+    return (
+        IDENTITY_LABEL
+        + hashlib.sha256(server_spki).digest()
+        + server_nonce
+        + client_nonce
+        + server_eph
+        + client_eph
+    )
+
+
+def identity_fingerprint(public: bytes) -> str:
+    """§5: "SHA256:" + unpadded b64 of SHA256(raw public key), the server's form (§2)."""
+    return fingerprint_of(public)
+
+
+def _recover_x(y: int, sign: int, canonical: bool = True) -> int | None:
+    """RFC 8032 §5.1.3 steps 2-4: x from y and its sign bit, or None if there is none."""
+    xx = (y * y - 1) * pow(ED_D * y * y + 1, ED_P - 2, ED_P) % ED_P
+    x = pow(xx, (ED_P + 3) // 8, ED_P)
+    if (x * x - xx) % ED_P:
+        x = x * _SQRT_M1 % ED_P
+    if (x * x - xx) % ED_P:
+        return None
+    if x == 0:
+        # x = 0 has no negative form: a set sign bit is a non-canonical encoding.
+        return None if sign and canonical else 0
+    return ED_P - x if x & 1 != sign else x
+
+
+def ed_decode(data: bytes, *, canonical: bool = True) -> Point | None:
+    """A 32-byte point encoding (RFC 8032 §5.1.3), or None if it is none.
+
+    With `canonical`, y >= p and a negative x = 0 are refused (RFC 8032's rule);
+    without, y is taken mod p and that sign bit ignored, as lax decoders do, so
+    tests can build keys such decoders would accept.
+    """
+    if len(data) != IDENTITY_BYTES:
+        return None
+    value = int.from_bytes(data, "little")
+    y, sign = value & ((1 << 255) - 1), value >> 255
+    if y >= ED_P:
+        if canonical:
+            return None
+        y -= ED_P
+    x = _recover_x(y, sign, canonical)
+    if x is None:
+        return None
+    return (x, y, 1, x * y % ED_P)
+
+
+def ed_encode(point: Point) -> bytes:
+    x, y, z, _ = point
+    zi = pow(z, ED_P - 2, ED_P)
+    x, y = x * zi % ED_P, y * zi % ED_P
+    return (y | ((x & 1) << 255)).to_bytes(IDENTITY_BYTES, "little")
+
+
+def ed_add(p: Point, q: Point) -> Point:
+    """Point addition on edwards25519 (RFC 8032 §5.1.4, extended coordinates)."""
+    a = (p[1] - p[0]) * (q[1] - q[0]) % ED_P
+    b = (p[1] + p[0]) * (q[1] + q[0]) % ED_P
+    c = 2 * p[3] * q[3] * ED_D % ED_P
+    d = 2 * p[2] * q[2] % ED_P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % ED_P, g * h % ED_P, f * g % ED_P, e * h % ED_P)
+
+
+def ed_mul(k: int, p: Point) -> Point:
+    """[k]P by double-and-add."""
+    acc: Point = (0, 1, 1, 0)
+    while k:
+        if k & 1:
+            acc = ed_add(acc, p)
+        p = ed_add(p, p)
+        k >>= 1
+    return acc
+
+
+def ed_equal(p: Point, q: Point) -> bool:
+    return (p[0] * q[2] - q[0] * p[2]) % ED_P == 0 and (p[1] * q[2] - q[1] * p[2]) % ED_P == 0
+
+
+ED_NEUTRAL: Point = (0, 1, 1, 0)
+_BASE = ed_decode(_BASE_Y.to_bytes(IDENTITY_BYTES, "little"))
+assert _BASE is not None
+ED_BASE: Point = _BASE
+
+
+def small_order_points() -> list[bytes]:
+    """The canonical encodings of the 8 points of order 1, 2, 4 or 8 (the torsion group).
+
+    Found without a table: [L]P of a point P of full order lies in the torsion
+    group; one of order 8 generates all of it.
+    """
+    for y in range(2, 1000):
+        p = ed_decode(y.to_bytes(IDENTITY_BYTES, "little"))
+        if p is None:
+            continue
+        t = ed_mul(ED_L, p)
+        if not ed_equal(ed_mul(4, t), ED_NEUTRAL):  # order 8: a generator
+            points, q = [], ED_NEUTRAL
+            for _ in range(8):
+                points.append(ed_encode(q))
+                q = ed_add(q, t)
+            return sorted(points)
+    raise AssertionError("no point of order 8 found")  # pragma: no cover
+
+
+def identity_key_problem(public: bytes) -> str | None:
+    """Why §5 refuses this public key (size, non-canonical, off the curve, small order)."""
+    if len(public) != IDENTITY_BYTES:
+        return f"the identity is {len(public)} bytes, not {IDENTITY_BYTES}"
+    point = ed_decode(public)
+    if point is None:
+        lax = ed_decode(public, canonical=False)
+        return "not a point of the curve" if lax is None else "not a canonical encoding"
+    if ed_equal(ed_mul(8, point), ED_NEUTRAL):
+        return "a point of small order"
+    return None
+
+
+def lax_verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    """RFC 8032 §5.1.7 with none of §5's extra checks (lax decoding, any S, any key),
+    cofactored: [8][S]B = [8]R + [8][k]A. Tests use it to show a crafted proof would
+    pass a verifier that does not check the key."""
+    a, r = ed_decode(public, canonical=False), ed_decode(signature[:32], canonical=False)
+    if a is None or r is None or len(signature) != PROOF_BYTES:
+        return False
+    s = int.from_bytes(signature[32:], "little")
+    k = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little")
+    left = ed_mul(8 * s, ED_BASE)
+    right = ed_mul(8, ed_add(r, ed_mul(k, a)))
+    return ed_equal(left, right)
+
+
+def verify_identity(public: bytes, signature: bytes, transcript: bytes) -> bool:
+    """§5 proof check as the server must make it: sizes, key, S < L, then Ed25519."""
+    if len(signature) != PROOF_BYTES or identity_key_problem(public) is not None:
+        return False
+    if int.from_bytes(signature[32:], "little") >= ED_L:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, transcript)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def degenerate_proof() -> bytes:
+    """R = the base point, S = 1: verifies for every message under the neutral key
+    (01 00 .. 00) when a verifier does not refuse small-order keys (issue 13)."""
+    return ed_encode(ED_BASE) + (1).to_bytes(32, "little")
+
+
+class RefIdentity:
+    """A client's Ed25519 key pair (§5), kept in memory (tests make fresh ones)."""
+
+    def __init__(self, private: Ed25519PrivateKey | None = None):
+        self.private = private if private is not None else Ed25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.fingerprint = identity_fingerprint(self.public)
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> RefIdentity:
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def sign(self, transcript: bytes) -> bytes:
+        return self.private.sign(transcript)
+
+    def join_fields(self, transcript: bytes) -> dict[str, str]:
+        """`identity` and `proof` for a join on the connection with this transcript."""
+        return {"identity": b64(self.public), "proof": b64(self.sign(transcript))}
+
+
+def join_message(
+    name: str,
+    *,
+    identity: RefIdentity | None = None,
+    transcript: bytes = b"",
+    history: int | None = None,
+    since: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A §5/§6 `join`: optional fields only when given (`null` is never absent, §4)."""
+    msg: dict[str, Any] = {"type": "join", "name": name}
+    if identity is not None:
+        msg.update(identity.join_fields(transcript))
+    if history is not None:
+        msg["history"] = history
+    if since is not None:
+        msg["since"] = since
+    msg.update(extra)
+    return msg
+
+
+# --- server messages of revision 2, checked against §4-§6 ---------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nullable(kind: type) -> Callable[[Any], bool]:
+    return lambda v: v is None or isinstance(v, kind)
+
+
+_STR = lambda v: isinstance(v, str)  # noqa: E731
+_BOOL = lambda v: isinstance(v, bool)  # noqa: E731
+_MS = _is_int
+_FEATURES = {"identity", "moderation", "history", "action"}
+# type -> {field: predicate} for every field §4-§6 require.
+SERVER_FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "welcome": {
+        "name": _STR,
+        "users": lambda v: isinstance(v, list) and all(map(_STR, v)) and v == sorted(v),
+        "max_text": _is_int,
+        "rate": _is_int,
+        "access": lambda v: v in ("open", "allowlist"),
+        "identity": _nullable(str),
+        "op": _BOOL,
+        "features": lambda v: isinstance(v, list) and set(v) <= _FEATURES,
+        "max_record": lambda v: _is_int(v) and 65536 <= v <= MAX_RECORD_BYTES,
+        "last_id": lambda v: _is_int(v) and v >= 0,
+        "gap": _BOOL,
+    },
+    "message": {"id": _is_int, "from": _STR, "text": _STR, "ts": _MS},
+    "dm": {"id": _is_int, "from": _STR, "to": _STR, "text": _STR, "ts": _MS},
+    "joined": {"name": _STR, "identity": _nullable(str)},
+    "left": {"name": _STR, "reason": _STR},
+    "users": {"names": lambda v: isinstance(v, list) and all(map(_STR, v)) and v == sorted(v)},
+    "pong": {"id": lambda v: True},
+    "error": {"code": _STR, "message": _STR},
+    "bye": {"reason": _STR},
+    "bans": {"bans": lambda v: isinstance(v, list)},
+    "muted": {"by": _STR, "until": _nullable(int)},
+    "whois": {"name": _STR, "identity": _nullable(str), "op": _BOOL, "since": _MS},
+}
+_BAN_FIELDS = {"who": _STR, "until": _nullable(int), "by": _STR, "reason": _nullable(str)}
+
+
+def server_message_problem(msg: dict[str, Any]) -> str | None:
+    """Why `msg` breaks §4-§6's shape for its type, or None (unknown types pass, §3)."""
+    fields = SERVER_FIELDS.get(msg.get("type", ""))
+    if fields is None:
+        return None
+    for name, ok in fields.items():
+        if name not in msg:
+            return f"{msg['type']} lacks {name!r}"
+        if not ok(msg[name]):
+            return f"{msg['type']}.{name} = {msg[name]!r:.80} breaks the protocol"
+    for flag in ("action", "history"):  # §6: on the wire only when true
+        if msg["type"] == "message" and flag in msg and msg[flag] is not True:
+            return f"message.{flag} = {msg[flag]!r} (sent only as true)"
+    if msg["type"] == "bans":
+        whos = []
+        for ban in msg["bans"]:
+            if not isinstance(ban, dict) or any(
+                k not in ban or not ok(ban[k]) for k, ok in _BAN_FIELDS.items()
+            ):
+                return f"bans entry {ban!r:.80} breaks the protocol"
+            whos.append(ban["who"])
+        if whos != sorted(whos):
+            return f"bans are not sorted by who: {whos}"
+    if msg["type"] in ("bye", "left") and "by" in msg and not isinstance(msg["by"], str):
+        return f"{msg['type']}.by = {msg['by']!r:.80} is not a name"
+    return None
+
+
 # --- the blocking-socket client ------------------------------------------------------------------
 
 
@@ -402,6 +699,13 @@ class RefPeer:
         self.timeout = timeout
         self.skipped: list[dict[str, Any]] = []  # messages `join` passed over
         self.closed = False
+        # §5: what an identity proof on this connection signs (set by `connect`).
+        self.transcript = b""
+        # §6 resume: the highest `id` of a message or dm received (0 if none).
+        self.max_id_seen = 0
+        # Check every received message against §4-§6's shapes (cross-checks turn it on).
+        self.validate = False
+        self._ping_count = 0
         # Guards the c2s cipher and socket writes, so counter order is wire order.
         self._send_lock = threading.Lock()
         self._c2s = RefRecordCipher(k_c2s)
@@ -421,11 +725,21 @@ class RefPeer:
         port: int,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
-        first: list[dict[str, Any]] | None = None,
+        first: list[dict[str, Any]] | Callable[[RefPeer], list[dict[str, Any]]] | None = None,
         expected_fingerprint: str | None = None,
+        source_address: tuple[str, int] | None = None,
+        validate: bool = False,
     ) -> RefPeer:
-        """Connect, check `hello`, send `key` (and `first` as one record, same write) (§2)."""
-        sock = socket.create_connection((host, port), timeout=timeout)
+        """Connect, check `hello`, send `key` (and `first` as one record, same write) (§2).
+
+        `first` may be a function of the peer, called once its transcript is
+        known, to sign a §5 proof into the first `join`. `source_address` binds
+        the client socket (tests act as other addresses: 127.0.0.2, ...). With
+        `validate`, a received message that breaks §4-§6's shapes raises RefError.
+        """
+        sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=source_address
+        )
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = parse_json_object(read_plain_frame(sock, MAX_HANDSHAKE_FRAME_BYTES))
@@ -433,12 +747,22 @@ class RefPeer:
                 raise ServerFull(hello)
             key_msg, k_c2s, k_s2c = make_key_message(hello)
             peer = cls(sock, hello, k_c2s, k_s2c, timeout)
+            peer.validate = validate
+            peer.transcript = identity_transcript(
+                peer.server_spki,
+                strict_b64decode(hello["nonce"], "nonce"),
+                strict_b64decode(key_msg["nonce"], "nonce"),
+                strict_b64decode(hello["eph"], "eph"),
+                strict_b64decode(key_msg["eph"], "eph"),
+            )
             if expected_fingerprint is not None and peer.fingerprint != expected_fingerprint:
                 raise RefError(
                     f"server fingerprint {peer.fingerprint} differs from the expected "
                     f"{expected_fingerprint}"
                 )
             data = frame(encode_json(key_msg))
+            if callable(first):
+                first = first(peer)
             if first is not None:
                 data += frame(peer._c2s.seal(encode_messages(first)))
             peer._sendall(data)
@@ -523,10 +847,18 @@ class RefPeer:
             raise PeerClosed("the connection is closed")
         body = self._next_frame(deadline)
         try:
-            return parse_record_plaintext(self._s2c.open(body))
+            msgs = parse_record_plaintext(self._s2c.open(body))
         except RefError:
             self.close()  # §3: close at once on a record that fails
             raise
+        for msg in msgs:
+            if self.validate:
+                problem = server_message_problem(msg)
+                if problem is not None:
+                    raise RefError(f"the server broke the protocol: {problem}")
+            if msg["type"] in ("message", "dm") and _is_int(msg.get("id")):
+                self.max_id_seen = max(self.max_id_seen, msg["id"])
+        return msgs
 
     def recv_record(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """The next record, opened and parsed; `timeout` defaults to the connect timeout.
@@ -569,13 +901,67 @@ class RefPeer:
                 return msg
             self.skipped.append(msg)
 
-    def join(self, name: str, timeout: float | None = None) -> dict[str, Any]:
-        """Send `join`; return the reply: `welcome` or `error` (or a `bye`).
+    def join(
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        identity: RefIdentity | None = None,
+        history: int | None = None,
+        since: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Send `join` (with a §5 proof over this connection if `identity`, §6 fields if
+        given); return the reply: `welcome` or `error` (or a `bye`).
 
-        Anything else that arrives first is kept in `self.skipped`.
+        Anything else that arrives first is kept in `self.skipped`; replayed
+        history (§6) stays queued after the `welcome`.
         """
-        self.send({"type": "join", "name": name})
+        self.send(
+            join_message(
+                name,
+                identity=identity,
+                transcript=self.transcript,
+                history=history,
+                since=since,
+                **extra,
+            )
+        )
         return self._join_reply(timeout)
+
+    def sync(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Send a `ping` and read up to its `pong`; return what came before it.
+
+        §4: replies follow the log position they were queued at, so everything
+        the server produced for us before the ping arrives first (a barrier).
+        """
+        self._ping_count += 1
+        token = f"sync-{self._ping_count}"
+        self.send({"type": "ping", "id": token})
+        deadline = self._deadline(timeout)
+        before: list[dict[str, Any]] = []
+        while True:
+            msg, skipped = self.recv_until("pong", max(0.0, deadline - time.monotonic()))
+            before += skipped
+            if msg.get("id") == token:
+                return before
+            before.append(msg)
+
+    def request(
+        self, msg: dict[str, Any], timeout: float | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send one message and return the first reply addressed to us alone: an
+        `error`, `bans`, `muted`, `whois`, `users` or `bye`, and what came before it."""
+        self.send(msg)
+        deadline = self._deadline(timeout)
+        skipped: list[dict[str, Any]] = []
+        while True:
+            if not self._pending:
+                self._pending.extend(self._recv_record(deadline))
+            reply = self._pending.popleft()
+            if reply.get("type") in ("error", "bans", "muted", "whois", "users", "bye"):
+                return reply, skipped
+            skipped.append(reply)
 
     def wait_closed(self, timeout: float) -> list[dict[str, Any]]:
         """Read until the server closes; return the messages received meanwhile.
@@ -617,12 +1003,31 @@ class RefPeer:
         self.close()
 
 
-def connect_and_join(host: str, port: int, name: str, **kw: Any) -> tuple[RefPeer, dict[str, Any]]:
+def connect_and_join(
+    host: str,
+    port: int,
+    name: str,
+    *,
+    identity: RefIdentity | None = None,
+    history: int | None = None,
+    since: int | None = None,
+    **kw: Any,
+) -> tuple[RefPeer, dict[str, Any]]:
     """Connect with `join` in the first record (§2); return the peer and its `welcome`.
 
-    Raises RefError (closing the connection) if the reply is not a `welcome`.
+    With `identity`, the join carries a proof over this connection (§5);
+    `history` and `since` go in it when given (§6). Replayed messages stay
+    queued after the `welcome`. Raises RefError (closing the connection) if the
+    reply is not a `welcome`.
     """
-    peer = RefPeer.connect(host, port, first=[{"type": "join", "name": name}], **kw)
+
+    def first(peer: RefPeer) -> list[dict[str, Any]]:
+        join = join_message(
+            name, identity=identity, transcript=peer.transcript, history=history, since=since
+        )
+        return [join]
+
+    peer = RefPeer.connect(host, port, first=first, **kw)
     try:
         reply = peer._join_reply(None)
         if reply.get("type") != "welcome":

@@ -103,6 +103,9 @@ class FakeServer:
 
     def __init__(self, pem: bytes, spki: bytes, hello_body: bytes | None = None):
         self.pem = pem
+        self.spki = spki
+        self.key_msg: dict = {}
+        self.peer_addr: tuple = ()
         self.nonce = os.urandom(32)
         self.eph_private = os.urandom(32)
         hello = make_hello(spki, self.nonce, self.eph_private)
@@ -113,7 +116,7 @@ class FakeServer:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
+        conn, self.peer_addr = self.listener.accept()
         conn.sendall(frame(self.hello_body))
         self._conns.put(conn)
 
@@ -127,7 +130,19 @@ class FakeServer:
         conn = self.conn()
         key_msg = refpeer.parse_json_object(refpeer.read_plain_frame(conn))
         _, k_c2s, k_s2c = server_accept_key(self.pem, self.nonce, self.eph_private, key_msg)
+        self.key_msg = key_msg
         return conn, RefRecordCipher(k_c2s), RefRecordCipher(k_s2c)
+
+    def transcript(self) -> bytes:
+        """§5 by hand: label || SHA256(SPKI) || server nonce || client nonce || both ephs."""
+        return (
+            b"bcast/1 identity"
+            + hashlib.sha256(self.spki).digest()
+            + self.nonce
+            + base64.b64decode(self.key_msg["nonce"])
+            + raw_public(self.eph_private)
+            + base64.b64decode(self.key_msg["eph"])
+        )
 
     def close(self) -> None:
         self.listener.close()
@@ -633,3 +648,228 @@ def test_read_plain_frame_refuses_oversize_before_body() -> None:
         a.close()
         with pytest.raises(PeerClosed):
             refpeer.read_plain_frame(b)
+
+
+# --- §5 client identity --------------------------------------------------------------------------
+
+# RFC 8032 §7.1, TEST 1: secret key, public key, and the signature of the empty message.
+RFC8032_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+RFC8032_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+RFC8032_SIGNATURE = bytes.fromhex(
+    "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+)
+# The 8 points of small order, as libsodium's blocklist lists them (canonical encodings).
+SMALL_ORDER_HEX = {
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+}
+P = refpeer.ED_P
+
+
+def y_encoding(y: int, sign: int = 0) -> bytes:
+    return (y | sign << 255).to_bytes(32, "little")
+
+
+def test_identity_transcript_layout() -> None:
+    """§5 Proof: b"bcast/1 identity" || SHA256(SPKI) || server_nonce || client_nonce
+    || server_eph || client_eph."""
+    spki, sn, cn, se, ce = (os.urandom(n) for n in (300, 32, 32, 32, 32))
+    expected = b"bcast/1 identity" + hashlib.sha256(spki).digest() + sn + cn + se + ce
+    assert refpeer.identity_transcript(spki, sn, cn, se, ce) == expected
+    assert len(expected) == 16 + 32 * 5
+
+
+def test_rfc8032_test_vector() -> None:
+    """§5: pure Ed25519 as RFC 8032 (§7.1 TEST 1): same key, same signature, it verifies."""
+    identity = refpeer.RefIdentity.from_seed(RFC8032_SEED)
+    assert identity.public == RFC8032_PUBLIC
+    assert identity.sign(b"") == RFC8032_SIGNATURE
+    assert refpeer.verify_identity(RFC8032_PUBLIC, RFC8032_SIGNATURE, b"")
+    assert refpeer.lax_verify(RFC8032_PUBLIC, RFC8032_SIGNATURE, b"")
+    assert not refpeer.verify_identity(RFC8032_PUBLIC, RFC8032_SIGNATURE, b"x")
+    assert not refpeer.lax_verify(RFC8032_PUBLIC, RFC8032_SIGNATURE, b"x")
+
+
+def test_identity_fingerprint_form() -> None:
+    """§5: "SHA256:" + base64-without-padding(SHA256(public key))."""
+    digest = hashlib.sha256(RFC8032_PUBLIC).digest()
+    expected = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    assert refpeer.identity_fingerprint(RFC8032_PUBLIC) == expected
+    assert refpeer.RefIdentity.from_seed(RFC8032_SEED).fingerprint == expected
+    assert len(expected) == 50 and "=" not in expected
+
+
+def test_small_order_points_known_answer() -> None:
+    """§5: the small-order keys refused are exactly the 8 torsion points (libsodium's list)."""
+    points = refpeer.small_order_points()
+    assert {p.hex() for p in points} == SMALL_ORDER_HEX
+    for enc in points:
+        point = refpeer.ed_decode(enc)
+        assert point is not None and refpeer.ed_encode(point) == enc
+        assert refpeer.ed_equal(refpeer.ed_mul(8, point), refpeer.ED_NEUTRAL)
+    assert refpeer.ed_encode(refpeer.ED_BASE).hex() == "58" + "66" * 31  # RFC 8032 B
+
+
+def test_identity_key_problems() -> None:
+    """§5: refused keys: small order, non-canonical encodings, off the curve, wrong size."""
+    for enc in refpeer.small_order_points():
+        assert refpeer.identity_key_problem(enc) == "a point of small order"
+    # y >= p, and x = 0 with its sign bit set: encodings a lax decoder takes mod p.
+    for enc in (y_encoding(P), y_encoding(P + 1), y_encoding(1, 1), y_encoding(P + 3)):
+        assert refpeer.identity_key_problem(enc) == "not a canonical encoding"
+    assert refpeer.identity_key_problem(y_encoding(2)) == "not a point of the curve"
+    assert "bytes" in (refpeer.identity_key_problem(b"\1" * 31) or "")
+    assert refpeer.identity_key_problem(RFC8032_PUBLIC) is None
+    assert refpeer.identity_key_problem(refpeer.RefIdentity().public) is None
+
+
+@pytest.mark.parametrize(
+    "key", [*refpeer.small_order_points(), y_encoding(P + 1), y_encoding(1, 1)]
+)
+def test_degenerate_proof_fools_only_a_lax_verifier(key: bytes) -> None:
+    """Issue 13: R = B, S = 1 "verifies" under a small-order key for every message when the
+    key is not checked; the §5 check refuses it."""
+    for message in (b"", b"any transcript", os.urandom(176)):
+        assert refpeer.lax_verify(key, refpeer.degenerate_proof(), message)
+        assert not refpeer.verify_identity(key, refpeer.degenerate_proof(), message)
+
+
+def test_s_at_least_l_is_refused() -> None:
+    """§5: S >= L is refused, though [S + L]B = [S]B makes it pass a lax verifier."""
+    identity = refpeer.RefIdentity()
+    signature = identity.sign(b"t")
+    s = int.from_bytes(signature[32:], "little")
+    malleated = signature[:32] + (s + refpeer.ED_L).to_bytes(32, "little")
+    assert refpeer.lax_verify(identity.public, malleated, b"t")
+    assert not refpeer.verify_identity(identity.public, malleated, b"t")
+    assert refpeer.verify_identity(identity.public, signature, b"t")
+    short = signature[:63]
+    assert not refpeer.verify_identity(identity.public, short, b"t")
+
+
+def test_join_message_fields() -> None:
+    """§5/§6 join: identity/proof (b64 of 32/64 bytes), history, since only when given."""
+    assert refpeer.join_message("ann") == {"type": "join", "name": "ann"}
+    identity = refpeer.RefIdentity()
+    msg = refpeer.join_message("ann", identity=identity, transcript=b"T", history=0, since=7)
+    assert set(msg) == {"type", "name", "identity", "proof", "history", "since"}
+    assert (msg["history"], msg["since"]) == (0, 7)
+    public = base64.b64decode(msg["identity"], validate=True)
+    proof = base64.b64decode(msg["proof"], validate=True)
+    assert public == identity.public and len(proof) == 64
+    assert refpeer.verify_identity(public, proof, b"T")
+    assert refpeer.join_message("a", proof="x")["proof"] == "x"  # extra fields for bad input
+
+
+def test_connect_signs_this_connections_transcript(fake: FakeServer) -> None:
+    """§5: the proof in the first join signs this connection's handshake values."""
+    identity = refpeer.RefIdentity()
+    result: list = []
+
+    def client() -> None:
+        result.append(connect_and_join("127.0.0.1", fake.port, "ann", identity=identity, since=3))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    conn, c2s, s2c = fake.session()
+    join = json.loads(c2s.open(refpeer.read_plain_frame(conn, 1 << 20)))[0]
+    assert join["since"] == 3 and "history" not in join
+    proof = base64.b64decode(join["proof"])
+    assert refpeer.verify_identity(identity.public, proof, fake.transcript())
+    assert not refpeer.verify_identity(identity.public, proof, fake.transcript()[:-1] + b"\0")
+    conn.sendall(sealed(s2c, {"type": "welcome", "name": "ann"}, {"type": "message", "id": 9}))
+    thread.join(5)
+    peer, welcome = result[0]
+    assert welcome["name"] == "ann" and peer.transcript == fake.transcript()
+    assert peer.recv()["id"] == 9 and peer.max_id_seen == 9  # history stays queued
+    peer.close()
+    conn.close()
+
+
+def test_source_address_is_bound(fake: FakeServer) -> None:
+    """Tests act as other addresses (§5 bans by IP): the socket is bound to 127.0.0.2."""
+    with RefPeer.connect("127.0.0.1", fake.port, source_address=("127.0.0.2", 0)):
+        fake.session()[0].close()
+    assert fake.peer_addr[0] == "127.0.0.2"
+
+
+def test_sync_and_request(fake: FakeServer) -> None:
+    """§4 ping/pong as a barrier; a request returns the first reply meant for us alone."""
+    with RefPeer.connect("127.0.0.1", fake.port) as peer:
+        conn, c2s, s2c = fake.session()
+
+        def serve() -> None:
+            ping = json.loads(c2s.open(refpeer.read_plain_frame(conn, 1 << 20)))[0]
+            conn.sendall(
+                sealed(s2c, {"type": "pong", "id": "other"}, {"type": "joined", "name": "x"})
+                + sealed(s2c, {"type": "pong", "id": ping["id"]})
+            )
+            json.loads(c2s.open(refpeer.read_plain_frame(conn, 1 << 20)))
+            conn.sendall(sealed(s2c, {"type": "left", "name": "x"}, {"type": "bans", "bans": []}))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        before = peer.sync()
+        assert [m["type"] for m in before] == ["pong", "joined"]
+        reply, skipped = peer.request({"type": "bans"})
+        assert reply == {"type": "bans", "bans": []} and skipped == [{"type": "left", "name": "x"}]
+        thread.join(5)
+        conn.close()
+
+
+WELCOME2 = {
+    "type": "welcome",
+    "name": "ann",
+    "users": ["bob"],
+    "max_text": 16384,
+    "rate": 10,
+    "access": "open",
+    "identity": None,
+    "op": False,
+    "features": ["identity", "moderation", "history", "action"],
+    "max_record": 1_048_576,
+    "last_id": 0,
+    "gap": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("msg", "ok"),
+    [
+        (WELCOME2, True),
+        ({**WELCOME2, "access": "closed"}, False),
+        ({**WELCOME2, "max_record": 1000}, False),
+        ({k: v for k, v in WELCOME2.items() if k != "gap"}, False),
+        ({**WELCOME2, "users": ["b", "a"]}, False),
+        ({"type": "message", "id": 1, "from": "a", "text": "t", "ts": 5, "history": True}, True),
+        ({"type": "message", "id": 1, "from": "a", "text": "t", "ts": 5, "action": False}, False),
+        ({"type": "bans", "bans": [{"who": "b", "until": None, "by": "x", "reason": None}]}, True),
+        ({"type": "bans", "bans": [{"who": "b", "until": None, "by": "x"}]}, False),
+        (
+            {
+                "type": "bans",
+                "bans": [
+                    {"who": "b", "until": None, "by": "x", "reason": None},
+                    {"who": "a", "until": 5, "by": "x", "reason": "r"},
+                ],
+            },
+            False,
+        ),
+        ({"type": "muted", "by": "op", "until": None}, True),
+        ({"type": "muted", "by": "op", "until": "soon"}, False),
+        ({"type": "whois", "name": "a", "identity": None, "op": False, "since": 1}, True),
+        ({"type": "whois", "name": "a", "identity": None, "op": 0, "since": 1}, False),
+        ({"type": "bye", "reason": "kicked", "by": "op", "message": "m"}, True),
+        ({"type": "left", "name": "a", "reason": "kicked", "by": None}, False),
+        ({"type": "something new"}, True),
+    ],
+)
+def test_server_message_shapes(msg: dict, ok: bool) -> None:
+    """§4-§6 server messages: the fields each type must carry, and their types."""
+    assert (refpeer.server_message_problem(msg) is None) == ok
