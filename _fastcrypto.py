@@ -35,6 +35,7 @@ from Crypto.PublicKey.RSA import RsaKey
 
 Unwrap = Callable[[bytes], bytes]
 X25519Function = Callable[[bytes, bytes], bytes]
+Ed25519Verify = Callable[[bytes, bytes, bytes], bool]
 
 
 def _check(result: int, what: str) -> None:
@@ -400,3 +401,109 @@ def select_gcm(reference: type) -> type | None:
     except Exception:  # any missing private piece: the caller keeps the public API
         pass
     return None
+
+
+# --- Ed25519 verification (PROTOCOL.md §5) ---
+
+ED25519_L = 2**252 + 27742317777372353535851937790883648493  # the order of the base point
+ED25519_BASE = bytes.fromhex("5866666666666666666666666666666666666666666666666666666666666666")
+_ed25519: tuple[Any, Any] | None = None  # the C functions, the owner of B's point
+
+
+def _ed25519_lib() -> tuple[Any, Any]:
+    """pycryptodome's C Ed25519 functions and the base point B, which every call reads."""
+    global _ed25519
+    if _ed25519 is None:  # two threads may both get here: each keeps what it made
+        lib = _curve_lib("Ed25519")
+        _ed25519 = (lib, _ed25519_decode(lib, ED25519_BASE))
+    return _ed25519
+
+
+def _ed25519_decode(lib: Any, encoded: bytes) -> Any:
+    """A new C point (its SmartPointer) from an RFC 8032 encoding, or None."""
+    from Crypto.Util._raw_api import SmartPointer, VoidPointer, c_size_t, null_pointer
+
+    raw = VoidPointer()
+    if lib.decode_point(raw.address_of(), encoded, c_size_t(32), null_pointer):
+        return None
+    return SmartPointer(raw.get(), lib.free_point)
+
+
+def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    """RFC 8032 5.1.7, cofactorless: whether encode([S]B - [k]A) == R, on pycryptodome's
+    C Ed25519 points (private). Comparing encodings refuses a non-canonical R; the
+    caller checks sizes, S < L and the key. Thread-safe: each call has its own points."""
+    from Crypto.Util._raw_api import (
+        SmartPointer,
+        VoidPointer,
+        c_size_t,
+        create_string_buffer,
+        get_raw_buffer,
+    )
+
+    lib, base = _ed25519_lib()  # base: the owner of B's point, held to the end
+    size = c_size_t(32)
+    a = _ed25519_decode(lib, public)  # the owner of A's point, held to the end
+    if a is None:
+        return False
+    digest = hashlib.sha512(signature[:32] + public + message).digest()
+    k = int.from_bytes(digest, "little") % ED25519_L
+    _check(lib.scalar_public(a.get(), k.to_bytes(32, "big"), size), "ed25519 [k]A")
+    _check(lib.neg(a.get()), "ed25519 -[k]A")
+    raw = VoidPointer()
+    _check(lib.clone(raw.address_of(), base.get()), "ed25519 clone")
+    sb = SmartPointer(raw.get(), lib.free_point)  # owner of the result, held to the end
+    _check(lib.scalar_public(sb.get(), signature[63:31:-1], size), "ed25519 [S]B")
+    _check(lib.add(sb.get(), a.get()), "ed25519 add")
+    x, y = create_string_buffer(32), create_string_buffer(32)
+    _check(lib.get_xy(x, y, size, sb.get()), "ed25519 get_xy")
+    encoded = int.from_bytes(get_raw_buffer(y), "big") | (get_raw_buffer(x)[31] & 1) << 255
+    return encoded.to_bytes(32, "little") == signature[:32]
+
+
+# RFC 8032 7.1, tests 1-3: public key, message, signature.
+_ED25519_VECTORS = tuple(
+    (bytes.fromhex(public), bytes.fromhex(message), bytes.fromhex(signature))
+    for public, message, signature in (
+        (
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+            "",
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+            "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+        ),
+        (
+            "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+            "72",
+            "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+            "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+        ),
+        (
+            "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+            "af82",
+            "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac"
+            "18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+        ),
+    )
+)
+
+
+def select_ed25519(reference: Ed25519Verify) -> Ed25519Verify | None:
+    """`ed25519_verify` if it agrees with `reference` on the RFC 8032 vectors, each with
+    a flipped bit in R, in S and in the message, and on the neutral key, else None."""
+    try:
+        # The neutral key with R = B and S = 1 satisfies the equation for any message.
+        cases = [((1).to_bytes(32, "little"), b"any", ED25519_BASE + bytes([1] + [0] * 31), True)]
+        for public, message, signature in _ED25519_VECTORS:
+            cases.append((public, message, signature, True))
+            cases.append((public, message + b"\x00", signature, False))
+            for flip in (0, 40):  # a bit of R, a bit of S
+                bad = bytearray(signature)
+                bad[flip] ^= 1
+                cases.append((public, message, bytes(bad), False))
+        for public, message, signature, expected in cases:
+            for verify in (ed25519_verify, reference):
+                if verify(public, signature, message) is not expected:
+                    return None
+        return ed25519_verify
+    except Exception:  # any missing private piece: the caller keeps the public API
+        return None

@@ -1,4 +1,4 @@
-"""Every cryptographic choice of bcast/1 in one place (PROTOCOL.md §2, §3).
+"""Every cryptographic choice of bcast/1 in one place (PROTOCOL.md §2, §3, §5).
 
 Nothing here touches sockets or threads. Each failure surfaces as one exception
 type, `CryptoError`, whose message says what went wrong (never key material).
@@ -11,8 +11,8 @@ every fast path off (to compare, or to rule them out when chasing a bug).
 
 Thread safety: a `RecordCipher` owns a counter; it must be used by one thread
 at a time (the server gives each direction of each connection its own, only
-its writer seals, only its reader opens). `unwrap_secret` may run in many
-threads at once.
+its writer seals, only its reader opens). `unwrap_secret` and
+`verify_identity` may run in many threads at once.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from typing import TypeVar
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
 from Crypto.Protocol import DH
-from Crypto.PublicKey import RSA
+from Crypto.PublicKey import ECC, RSA
+from Crypto.PublicKey.ECC import EccKey
 from Crypto.PublicKey.RSA import RsaKey
 from Crypto.Random import get_random_bytes
+from Crypto.Signature import eddsa
 
 import _fastcrypto
 
@@ -49,6 +51,10 @@ TAG_BYTES = 16  # AES-GCM tag appended to each record
 # §3: a side closes before its send counter would reach 2**32.
 MAX_RECORDS_PER_DIRECTION = 2**32
 HKDF_INFO_LABEL = b"bcast/1 keys"
+# §5: raw Ed25519 public keys and signatures, and the label the proof signs.
+IDENTITY_BYTES = 32
+SIGNATURE_BYTES = 64
+IDENTITY_LABEL = b"bcast/1 identity"
 # A PEM key file is a few KiB at most; reading stops well past that.
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -56,6 +62,7 @@ MAX_KEY_FILE_BYTES = 64 * 1024
 PUBLIC_CRYPTO = os.environ.get("BCAST_PUBLIC_CRYPTO") == "1"
 
 RandomBytes = Callable[[int], bytes]
+IdentityKey = EccKey  # an Ed25519 private key
 K = TypeVar("K")
 
 
@@ -72,7 +79,7 @@ def random_bytes(n: int) -> bytes:
     return get_random_bytes(n)
 
 
-# --- key files: the server's RSA key (§2) ---
+# --- key files: the server's RSA key (§2) and a client's Ed25519 identity (§5) ---
 
 
 def load_or_create_server_key(
@@ -112,6 +119,37 @@ def _parse_rsa_key(path: Path, data: bytes) -> RsaKey:
             f"the key in {path} has {key.size_in_bits()} bits, under the minimum of "
             f"{MIN_RSA_BITS}; move it away to let the server create a new one"
         )
+    return key
+
+
+def load_or_create_identity(path: Path) -> IdentityKey:
+    """Load a client's Ed25519 identity key from `path`, creating it if absent (§5).
+
+    The same file rules as the server's key (PEM, mode 0600, same refusals),
+    and a file that does not hold an Ed25519 private key is refused.
+    """
+    path = Path(path)
+
+    def create() -> tuple[IdentityKey, bytes]:
+        key = _new_identity_key()
+        return key, key.export_key(format="PEM").encode("ascii")
+
+    return _load_or_create(path, lambda data: _parse_identity(path, data), create)
+
+
+def _new_identity_key() -> IdentityKey:
+    return ECC.generate(curve="Ed25519")
+
+
+def _parse_identity(path: Path, data: bytes) -> IdentityKey:
+    try:
+        key = ECC.import_key(data)
+    except (ValueError, IndexError, TypeError):
+        key = None
+    if key is None or key.curve != "Ed25519":
+        raise KeyFileError(f"the key file {path} does not hold an Ed25519 key")
+    if not key.has_private():
+        raise KeyFileError(f"the key file {path} holds a public key, not a private key")
     return key
 
 
@@ -182,7 +220,7 @@ _FILE_KINDS = (
 def _check_key_file(path: Path, info: os.stat_result) -> None:
     """Refuse anything but a regular file of ours that only we may read or write."""
     if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special")
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
         raise KeyFileError(
             f"the key file {path} is {kind}, not a regular file; "
             "remove it or give the path of a key file"
@@ -522,6 +560,117 @@ def client_keys(
     return client_nonce, wrapped, client_eph, k_c2s, k_s2c
 
 
+# --- a client's Ed25519 identity (§5) ---
+
+ED25519_P = 2**255 - 19
+ED25519_L = 2**252 + 27742317777372353535851937790883648493  # the order of the base point
+ED25519_BASE = bytes.fromhex("5866666666666666666666666666666666666666666666666666666666666666")
+# The canonical encodings of the 8 points of small order (the torsion subgroup):
+# for such a key anyone can make signatures that satisfy the equation (§5).
+ED25519_SMALL_ORDER = frozenset(
+    bytes.fromhex(point)
+    for point in (
+        "0100000000000000000000000000000000000000000000000000000000000000",  # neutral
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    )
+)
+
+
+def identity_public(key: IdentityKey) -> bytes:
+    """The raw 32-byte Ed25519 public key that `join.identity` carries (§5)."""
+    return key.public_key().export_key(format="raw")
+
+
+def identity_fingerprint(public: bytes) -> str:
+    """§5: "SHA256:" + unpadded base64 of SHA256(raw 32-byte public key)."""
+    if len(public) != IDENTITY_BYTES:
+        raise CryptoError(f"an identity is {IDENTITY_BYTES} bytes, not {len(public)}")
+    return fingerprint(public)
+
+
+def identity_transcript(
+    spki: bytes, server_nonce: bytes, client_nonce: bytes, server_eph: bytes, client_eph: bytes
+) -> bytes:
+    """§5: what a proof signs: the label, SHA256(server SPKI), then both nonces and both
+    ephemeral keys of this connection (all 32 bytes, so the layout is unambiguous)."""
+    for name, value in (
+        ("server nonce", server_nonce),
+        ("client nonce", client_nonce),
+        ("server eph", server_eph),
+        ("client eph", client_eph),
+    ):
+        if len(value) != 32:
+            raise CryptoError(f"the {name} of a transcript is 32 bytes, not {len(value)}")
+    return (
+        IDENTITY_LABEL
+        + hashlib.sha256(spki).digest()
+        + server_nonce
+        + client_nonce
+        + server_eph
+        + client_eph
+    )
+
+
+def sign_identity(key: IdentityKey, transcript: bytes) -> bytes:
+    """The 64-byte pure Ed25519 signature (RFC 8032) of `transcript`: `join.proof`."""
+    if getattr(key, "curve", None) != "Ed25519" or not key.has_private():
+        raise CryptoError("an identity proof needs an Ed25519 private key")
+    return eddsa.new(key, "rfc8032").sign(transcript)
+
+
+def verify_identity(public: bytes, signature: bytes, transcript: bytes) -> bool:
+    """§5: whether `signature` is `public`'s Ed25519 signature of `transcript`, strictly.
+
+    False for wrong sizes, S >= L (a malleated signature), a key that is not
+    the canonical encoding of a curve point or is of small order, and any
+    signature whose equation does not hold. The equation is checked as
+    encode([S]B - [k]A) == R, so a non-canonical R is refused too.
+    """
+    if not (
+        isinstance(public, bytes)
+        and isinstance(signature, bytes)
+        and len(public) == IDENTITY_BYTES
+        and len(signature) == SIGNATURE_BYTES
+    ):
+        return False
+    if int.from_bytes(signature[32:], "little") >= ED25519_L:
+        return False
+    y = int.from_bytes(public, "little") & ((1 << 255) - 1)
+    if y >= ED25519_P or public in ED25519_SMALL_ORDER:
+        return False
+    if public[31] & 0x80 and y in (1, ED25519_P - 1):  # x = 0 with the sign bit set
+        return False
+    try:
+        return ED25519_VERIFY_IMPL(public, signature, bytes(transcript))
+    except (ValueError, TypeError):  # not a curve point, or a transcript not of bytes
+        return False
+
+
+_ED25519_B = eddsa.import_public_key(ED25519_BASE).pointQ
+
+
+def _ed25519_verify_standard(public: bytes, signature: bytes, message: bytes) -> bool:
+    """encode([S]B - [k]A) == R through pycryptodome's public ECC API; ValueError if
+    `public` is not a curve point. The caller checks sizes, S and the key."""
+    a = eddsa.import_public_key(public).pointQ
+    s = int.from_bytes(signature[32:], "little")
+    k = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little")
+    x, y = (_ED25519_B * s + -(a * (k % ED25519_L))).xy
+    return (y | (x & 1) << 255).to_bytes(32, "little") == signature[:32]
+
+
+Ed25519Verify = Callable[[bytes, bytes, bytes], bool]
+ED25519_VERIFY_IMPL: Ed25519Verify = (
+    None if PUBLIC_CRYPTO else _fastcrypto.select_ed25519(_ed25519_verify_standard)
+) or _ed25519_verify_standard
+
+
 # --- which fast paths this install uses ---
 
 
@@ -535,4 +684,6 @@ def slow_paths(key: RsaKey) -> list[str]:
         slow.append("X25519")
     if not isinstance(getattr(unwrapper(key), "__self__", None), _LeanOaep):
         slow.append("RSA-OAEP")
+    if ED25519_VERIFY_IMPL is _ed25519_verify_standard:
+        slow.append("Ed25519 identity")
     return slow

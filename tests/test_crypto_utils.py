@@ -1,4 +1,5 @@
-"""Unit tests of crypto_utils.py against PROTOCOL.md §2 (handshake) and §3 (records).
+"""Unit tests of crypto_utils.py against PROTOCOL.md §2 (handshake) and §3 (records),
+and of the key files (§2, §5) and the fast paths of _fastcrypto.py.
 
 Known answers are computed here independently: HKDF by hand from RFC 5869 with
 hashlib/hmac, AES-GCM and OAEP with pycryptodome or `cryptography` directly,
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import pytest
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
-from Crypto.PublicKey import RSA
+from Crypto.PublicKey import ECC, RSA
 from Crypto.PublicKey.RSA import RsaKey
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -208,7 +209,7 @@ def test_key_file_error_is_crypto_error():
     assert issubclass(KeyFileError, CryptoError)
 
 
-# --- hardened key files (the server's key; a client's identity uses the same code) ---
+# --- hardened key files: the server's key (§2) and a client's identity (§5) ---
 
 WAIT_S = 10  # how long a test waits for a thread or a child that should be done at once
 
@@ -224,6 +225,11 @@ LOADERS = {
         lambda path: c.load_or_create_server_key(path, bits=2048),
         "_new_rsa_key",
         lambda: RSA.generate(2048).export_key(),
+    ),
+    "identity": Loader(
+        c.load_or_create_identity,
+        "_new_identity_key",
+        lambda: ECC.generate(curve="Ed25519").export_key(format="PEM").encode(),
     ),
 }
 
@@ -1057,13 +1063,14 @@ def test_record_cipher_uses_the_fast_gcm_on_this_install() -> None:
 # --- the fast paths: the switch, fork() and the owners of raw pointers ---
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_PUBLIC = ["AES-GCM records", "X25519", "RSA-OAEP"]
+ALL_PUBLIC = ["AES-GCM records", "X25519", "RSA-OAEP", "Ed25519 identity"]
 
 # Run both in this process and in a child with another environment, so that the two
 # sets of outcomes can be compared.
 PROBE = """
 import crypto_utils as c
 from Crypto.PublicKey import RSA
+from Crypto.Signature import eddsa
 
 
 def probe(key_pem, wrapped):
@@ -1081,6 +1088,20 @@ def probe(key_pem, wrapped):
     sealer, opener = c.RecordCipher(bytes(range(32)), 7), c.RecordCipher(bytes(range(32)), 7)
     records = [sealer.seal(bytes(size)) for size in (0, 1, 100, 5000)]
     out["gcm"] = [r.hex() for r in records] + [opener.open(r).hex() for r in records]
+    identity = eddsa.import_private_key(bytes(range(32)))
+    public, message = c.identity_public(identity), b"transcript"
+    signature = c.sign_identity(identity, message)
+    s = int.from_bytes(signature[32:], "little") + c.ED25519_L
+    neutral = (1).to_bytes(32, "little"), c.ED25519_BASE + (1).to_bytes(32, "little")
+    out["ed25519"] = [signature.hex()] + [
+        c.verify_identity(*case)
+        for case in (
+            (public, signature, message),
+            (public, signature, message + b"!"),
+            (public, signature[:32] + s.to_bytes(32, "little"), message),
+            (*neutral, message),
+        )
+    ]
     return out
 """
 
@@ -1122,6 +1143,7 @@ def test_public_crypto_switch_uses_every_public_path_with_the_same_results(
     del ours["slow"], ours["public"]
     assert child == ours
     assert child["unwrap"] == [bytes([i] * 32).hex() for i in range(3)] + [None]
+    assert child["ed25519"][1:] == [True, False, False, False]
 
 
 def test_public_crypto_switch_is_only_the_value_1(rsa_key: RsaKey, spki: bytes):
