@@ -14,397 +14,264 @@ All three derive from `ProtocolError`: decoders raise nothing else.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import json
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Union
 
-PROTOCOL_NAME = "bcast/1"
-LENGTH_BYTES = 4
-# §1: handshake frames (hello, plaintext server_full error, key) are 1..8192 bytes.
-MAX_HANDSHAKE_FRAME = 8192
-# §1: records are 1..1 MiB; clients must accept all of it, the server may say less.
-MAX_RECORD_FRAME = 1_048_576
-MIN_SERVER_RECORD_FRAME = 65_536
-TAG_BYTES = 16  # the GCM tag that ends every record (§3)
-MAX_RECORD_PLAINTEXT = MAX_RECORD_FRAME - TAG_BYTES
-NONCE_BYTES = 32
-EPH_BYTES = 32
-DEFAULT_MAX_TEXT = 16_384  # §4 text: UTF-8 bytes
-MAX_NAME_CHARS = 32
-# §3 (revision 2): a record from a client holds at most 64 messages; the server's are unlimited.
-MAX_CLIENT_RECORD_MESSAGES = 64
-
-# §4 and §5: every client message type; operators alone may send OP_TYPES.
-CLIENT_TYPES = (
-    "join",
-    "say",
-    "dm",
-    "who",
-    "ping",
-    "leave",
-    "kick",
-    "ban",
-    "unban",
-    "mute",
-    "bans",
-    "whois",
+from messages import (  # re-exported: import everything from `protocol`
+    BanEntry as BanEntry,
 )
-OP_TYPES = ("kick", "ban", "unban", "mute", "bans")
-_BEFORE_JOIN_TYPES = frozenset(("join", "ping", "leave"))  # §4: all the others need a join
-LEAVE_REASONS = (
-    "leave",
-    "disconnect",
-    "timeout",
-    "slow",
-    "protocol",
-    "kicked",
-    "banned",
-    "not_allowed",
-    "replaced",
+from messages import (
+    BanList as BanList,
 )
-BYE_REASONS = (
-    "leave",
-    "timeout",
-    "protocol",
-    "shutdown",
-    "kicked",
-    "banned",
-    "not_allowed",
-    "replaced",
+from messages import (
+    Bye as Bye,
 )
-ERROR_CODES = (
-    "bad_message",
-    "not_joined",
-    "already_joined",
-    "invalid_name",
-    "name_taken",
-    "too_long",
-    "rate_limited",
-    "unknown_user",
-    "server_full",
-    "bad_identity",
-    "name_reserved",
-    "not_allowed",
-    "banned",
-    "not_op",
-    "muted",
+from messages import (
+    DirectMessage as DirectMessage,
 )
-# §5: identity = raw Ed25519 public key, proof = Ed25519 signature.
-IDENTITY_BYTES = 32
-PROOF_BYTES = 64
-MAX_REASON_BYTES = 200  # §5: kick/ban reason, UTF-8 bytes
-MAX_MINUTES = 525_600  # §5: a year, the longest ban or mute
-ACCESS_MODES = ("open", "allowlist")  # §5 welcome.access
-FEATURES = ("identity", "moderation", "history", "action")  # §5 welcome.features
-
-
-class ProtocolError(Exception):
-    """Base of every error this module raises for bad input."""
-
-
-class CloseSilently(ProtocolError):
-    """The peer broke the framing or handshake: close without a reply (§1, §2)."""
-
-
-class ByeProtocol(ProtocolError):
-    """A record that is not a non-empty JSON array of typed objects (§3)."""
-
-
-class Refused(ProtocolError):
-    """A message refused with an `error` reply; the connection stays (§4)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-# --- §1 framing ---
-
-
-def encode_frame(body: bytes) -> bytes:
-    """Prefix `body` with its u32be length."""
-    return len(body).to_bytes(LENGTH_BYTES, "big") + body
-
-
-class FrameDecoder:
-    """Incremental frame splitter: `feed` buffers, `next_frame` returns one body or None.
-
-    `max_len` may be changed between two frames: a client's `key` (8192) and
-    its first record (1 MiB) can arrive in the same read (§1). A bad length is
-    refused as soon as its 4 bytes are buffered, before any body is kept.
-    """
-
-    def __init__(self, max_len: int = MAX_HANDSHAKE_FRAME):
-        self.max_len = max_len
-        self._buf = bytearray()
-        self._need: int | None = None  # body length of the frame in progress
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as frames."""
-        return len(self._buf)
-
-    def wants(self) -> int:
-        """How many more bytes would complete the next frame header or body (at least 1)."""
-        if self._need is None:
-            return max(1, LENGTH_BYTES - len(self._buf))
-        return max(1, LENGTH_BYTES + self._need - len(self._buf))
-
-    def next_frame(self) -> bytes | None:
-        """One complete frame body, or None if more bytes are needed."""
-        if self._need is None:
-            if len(self._buf) < LENGTH_BYTES:
-                return None
-            length = int.from_bytes(self._buf[:LENGTH_BYTES], "big")
-            if not 1 <= length <= self.max_len:
-                raise CloseSilently(
-                    f"frame of {length} bytes is outside the limit of 1..{self.max_len}"
-                )
-            self._need = length
-        end = LENGTH_BYTES + self._need
-        if len(self._buf) < end:
-            return None
-        body = bytes(self._buf[LENGTH_BYTES:end])
-        del self._buf[:end]
-        self._need = None
-        return body
-
-
-# --- helpers for strict fields ---
-
-
-def b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def strict_b64decode(value: Any, field: str) -> bytes:
-    """Standard base64 with padding and no other characters (the page's `b64`)."""
-    if not isinstance(value, str):
-        raise CloseSilently(f"field {field!r} is not a string")
-    try:
-        raw = value.encode("ascii")
-        data = base64.b64decode(raw, validate=True)
-    except (UnicodeEncodeError, binascii.Error, ValueError):
-        raise CloseSilently(f"field {field!r} is not strict base64") from None
-    if base64.b64encode(data) != raw:  # non-canonical: stray bits in the last character
-        raise CloseSilently(f"field {field!r} is not canonical base64")
-    return data
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def loads_json(body: bytes) -> Any:
-    """Strict UTF-8 JSON; raises ValueError (or RecursionError) on anything else."""
-    text = body.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(text, parse_constant=_reject_constant)
-
-
-def dumps_json(obj: Any) -> bytes:
-    """Compact UTF-8 JSON. Raises ValueError for what JSON cannot carry."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8"
-    )
-
-
-def has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _json_has_lone_surrogate(value: Any) -> bool:
-    """True if any string inside a JSON value (keys included) holds a lone surrogate."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if has_lone_surrogate(item):
-                return True
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-    return False
-
-
-# --- §2 handshake ---
-
-
-@dataclass(frozen=True)
-class Hello:
-    key: bytes  # DER SubjectPublicKeyInfo
-    nonce: bytes
-    eph: bytes
-    protocol: str = PROTOCOL_NAME
-
-
-@dataclass(frozen=True)
-class KeyExchange:
-    nonce: bytes
-    secret: bytes  # RSA-OAEP ciphertext
-    eph: bytes
-
-
-def _handshake_object(body: bytes, expected_type: str) -> dict[str, Any]:
-    try:
-        obj = loads_json(body)
-    except (ValueError, RecursionError):
-        raise CloseSilently(f"{expected_type} frame is not UTF-8 JSON") from None
-    if not isinstance(obj, dict):
-        raise CloseSilently(f"{expected_type} frame is not a JSON object")
-    if obj.get("type") != expected_type:
-        raise CloseSilently(f"expected a {expected_type!r} frame, got type {obj.get('type')!r}")
-    return obj
-
-
-def _sized(obj: dict[str, Any], field: str, size: int) -> bytes:
-    value = strict_b64decode(obj.get(field), field)
-    if len(value) != size:
-        raise CloseSilently(f"field {field!r} is {len(value)} bytes, not {size}")
-    return value
-
-
-def encode_hello(hello: Hello) -> bytes:
-    return dumps_json(
-        {
-            "type": "hello",
-            "protocol": hello.protocol,
-            "key": b64encode(hello.key),
-            "nonce": b64encode(hello.nonce),
-            "eph": b64encode(hello.eph),
-        }
-    )
-
-
-def parse_hello(body: bytes) -> Hello:
-    """Validate a `hello` frame (client side); any flaw is CloseSilently (§2)."""
-    obj = _handshake_object(body, "hello")
-    if obj.get("protocol") != PROTOCOL_NAME:
-        raise CloseSilently(f"server speaks protocol {obj.get('protocol')!r}, not {PROTOCOL_NAME}")
-    key = strict_b64decode(obj.get("key"), "key")
-    if not key:
-        raise CloseSilently("field 'key' is empty")
-    return Hello(
-        key=key, nonce=_sized(obj, "nonce", NONCE_BYTES), eph=_sized(obj, "eph", EPH_BYTES)
-    )
-
-
-def encode_key(msg: KeyExchange) -> bytes:
-    return dumps_json(
-        {
-            "type": "key",
-            "nonce": b64encode(msg.nonce),
-            "secret": b64encode(msg.secret),
-            "eph": b64encode(msg.eph),
-        }
-    )
-
-
-def parse_key(body: bytes) -> KeyExchange:
-    """Validate a `key` frame (server side); any flaw is CloseSilently (§2)."""
-    obj = _handshake_object(body, "key")
-    return KeyExchange(
-        nonce=_sized(obj, "nonce", NONCE_BYTES),
-        secret=strict_b64decode(obj.get("secret"), "secret"),
-        eph=_sized(obj, "eph", EPH_BYTES),
-    )
-
-
-def encode_server_full(message: str) -> bytes:
-    """The plaintext refusal sent instead of `hello` when the server is full (§2)."""
-    return dumps_json({"type": "error", "code": "server_full", "message": message})
-
-
-def parse_handshake_error(body: bytes) -> Error | None:
-    """If a pre-key frame is the plaintext `server_full` error, return it."""
-    try:
-        obj = loads_json(body)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(obj, dict) and obj.get("type") == "error":
-        code, message = obj.get("code"), obj.get("message")
-        if isinstance(code, str) and isinstance(message, str):
-            return Error(code=code, message=message)
-    return None
-
-
-# --- §3 record plaintexts ---
-
-
-def decode_record(
-    plaintext: bytes, max_messages: int | None = MAX_CLIENT_RECORD_MESSAGES
-) -> list[dict[str, Any]]:
-    """A record's plaintext as its list of message objects, or ByeProtocol (§3).
-
-    The default is the server's use: a client record holds at most 64
-    messages. The client reads the server's batches with `max_messages=None`
-    (they are not limited).
-    """
-    try:
-        items = loads_json(plaintext)
-    except (ValueError, RecursionError):
-        raise ByeProtocol("record is not UTF-8 JSON") from None
-    if not isinstance(items, list) or not items:
-        raise ByeProtocol("record is not a non-empty JSON array")
-    if max_messages is not None and len(items) > max_messages:
-        raise ByeProtocol(f"record of {len(items)} messages exceeds the limit of {max_messages}")
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-            raise ByeProtocol("record holds an element that is not an object with a string type")
-    return items
-
-
-def encode_message(obj: dict[str, Any]) -> bytes:
-    """One message object as compact UTF-8 JSON, ready to be reused in many records."""
-    return dumps_json(obj)
-
-
-def join_record(encoded: list[bytes]) -> bytes:
-    """Several encoded messages as one record plaintext (a JSON array)."""
-    return b"[" + b",".join(encoded) + b"]"
-
-
-def pack_records(
-    encoded: list[bytes],
-    max_plaintext: int,
-    max_messages: int = MAX_CLIENT_RECORD_MESSAGES,
-) -> list[bytes]:
-    """Client side: encoded messages as few record plaintexts as fit, in order (§1, §3).
-
-    Each holds at most `max_messages` messages and `max_plaintext` bytes
-    (welcome.max_record - TAG_BYTES). A message that cannot fit alone is a
-    ValueError: the caller must not send it.
-    """
-    records: list[bytes] = []
-    batch: list[bytes] = []
-    size = 1  # the closing bracket; each message adds its length and one '[' or ','
-    for item in encoded:
-        if len(item) + 2 > max_plaintext:
-            raise ValueError(
-                f"a message of {len(item)} bytes does not fit a record of {max_plaintext}"
-            )
-        if batch and (len(batch) == max_messages or size + len(item) + 1 > max_plaintext):
-            records.append(join_record(batch))
-            batch, size = [], 1
-        batch.append(item)
-        size += len(item) + 1
-    if batch:
-        records.append(join_record(batch))
-    return records
-
+from messages import (
+    Joined as Joined,
+)
+from messages import (
+    Left as Left,
+)
+from messages import (
+    Message as Message,
+)
+from messages import (
+    Muted as Muted,
+)
+from messages import (
+    Pong as Pong,
+)
+from messages import (
+    ServerMessage as ServerMessage,
+)
+from messages import (
+    Unknown as Unknown,
+)
+from messages import (
+    Users as Users,
+)
+from messages import (
+    Welcome as Welcome,
+)
+from messages import (
+    WhoisInfo as WhoisInfo,
+)
+from messages import (
+    ban_entry as ban_entry,
+)
+from messages import (
+    bans as bans,
+)
+from messages import (
+    bye as bye,
+)
+from messages import (
+    direct as direct,
+)
+from messages import (
+    encode_direct as encode_direct,
+)
+from messages import (
+    encode_joined as encode_joined,
+)
+from messages import (
+    encode_left as encode_left,
+)
+from messages import (
+    encode_message_parts as encode_message_parts,
+)
+from messages import (
+    encode_users as encode_users,
+)
+from messages import (
+    encode_welcome as encode_welcome,
+)
+from messages import (
+    error as error,
+)
+from messages import (
+    joined as joined,
+)
+from messages import (
+    json_string as json_string,
+)
+from messages import (
+    left as left,
+)
+from messages import (
+    mark_history as mark_history,
+)
+from messages import (
+    message as message,
+)
+from messages import (
+    muted as muted,
+)
+from messages import (
+    parse_server_message as parse_server_message,
+)
+from messages import (
+    pong as pong,
+)
+from messages import (
+    users as users,
+)
+from messages import (
+    welcome as welcome,
+)
+from messages import (
+    whois as whois,
+)
+from wire import (
+    _BEFORE_JOIN_TYPES,
+    _json_has_lone_surrogate,
+    _shown_int,
+)
+from wire import (  # re-exported: import everything from `protocol`
+    ACCESS_MODES as ACCESS_MODES,
+)
+from wire import (
+    BYE_REASONS as BYE_REASONS,
+)
+from wire import (
+    CLIENT_TYPES as CLIENT_TYPES,
+)
+from wire import (
+    DEFAULT_MAX_TEXT as DEFAULT_MAX_TEXT,
+)
+from wire import (
+    EPH_BYTES as EPH_BYTES,
+)
+from wire import (
+    ERROR_CODES as ERROR_CODES,
+)
+from wire import (
+    FEATURES as FEATURES,
+)
+from wire import (
+    IDENTITY_BYTES as IDENTITY_BYTES,
+)
+from wire import (
+    LEAVE_REASONS as LEAVE_REASONS,
+)
+from wire import (
+    LENGTH_BYTES as LENGTH_BYTES,
+)
+from wire import (
+    MAX_CLIENT_RECORD_MESSAGES as MAX_CLIENT_RECORD_MESSAGES,
+)
+from wire import (
+    MAX_HANDSHAKE_FRAME as MAX_HANDSHAKE_FRAME,
+)
+from wire import (
+    MAX_MINUTES as MAX_MINUTES,
+)
+from wire import (
+    MAX_NAME_CHARS as MAX_NAME_CHARS,
+)
+from wire import (
+    MAX_REASON_BYTES as MAX_REASON_BYTES,
+)
+from wire import (
+    MAX_RECORD_FRAME as MAX_RECORD_FRAME,
+)
+from wire import (
+    MAX_RECORD_PLAINTEXT as MAX_RECORD_PLAINTEXT,
+)
+from wire import (
+    MIN_SERVER_RECORD_FRAME as MIN_SERVER_RECORD_FRAME,
+)
+from wire import (
+    NONCE_BYTES as NONCE_BYTES,
+)
+from wire import (
+    OP_TYPES as OP_TYPES,
+)
+from wire import (
+    PROOF_BYTES as PROOF_BYTES,
+)
+from wire import (
+    PROTOCOL_NAME as PROTOCOL_NAME,
+)
+from wire import (
+    TAG_BYTES as TAG_BYTES,
+)
+from wire import (
+    ByeProtocol as ByeProtocol,
+)
+from wire import (
+    CloseSilently as CloseSilently,
+)
+from wire import (
+    Error as Error,
+)
+from wire import (
+    FrameDecoder as FrameDecoder,
+)
+from wire import (
+    Hello as Hello,
+)
+from wire import (
+    KeyExchange as KeyExchange,
+)
+from wire import (
+    ProtocolError as ProtocolError,
+)
+from wire import (
+    Refused as Refused,
+)
+from wire import (
+    b64encode as b64encode,
+)
+from wire import (
+    decode_record as decode_record,
+)
+from wire import (
+    dumps_json as dumps_json,
+)
+from wire import (
+    encode_frame as encode_frame,
+)
+from wire import (
+    encode_hello as encode_hello,
+)
+from wire import (
+    encode_key as encode_key,
+)
+from wire import (
+    encode_message as encode_message,
+)
+from wire import (
+    encode_server_full as encode_server_full,
+)
+from wire import (
+    has_lone_surrogate as has_lone_surrogate,
+)
+from wire import (
+    join_record as join_record,
+)
+from wire import (
+    loads_json as loads_json,
+)
+from wire import (
+    pack_records as pack_records,
+)
+from wire import (
+    parse_handshake_error as parse_handshake_error,
+)
+from wire import (
+    parse_hello as parse_hello,
+)
+from wire import (
+    parse_key as parse_key,
+)
+from wire import (
+    strict_b64decode as strict_b64decode,
+)
 
 # --- §4 names and text ---
 
@@ -651,11 +518,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shown_int(value: int) -> str:
-    """An integer for an error message: short enough to read."""
-    return str(value) if -(10**12) < value < 10**12 else "a huge number"
-
-
 def _optional_count(obj: dict[str, Any], field: str, kind: str) -> int | None:
     """§6 history/since: absent is None, else a non-negative integer."""
     if field not in obj:
@@ -868,475 +730,3 @@ def client_message(msg: ClientMessage) -> dict[str, Any]:
 
 
 _BARE_TYPES: dict[type, str] = {Who: "who", Leave: "leave", Bans: "bans"}
-
-
-# --- §4, §5, §6 server -> client messages ---
-
-
-@dataclass(frozen=True)
-class Welcome:
-    name: str
-    users: list[str]
-    max_text: int
-    rate: int
-    # Revision 2 (§5, §6); a revision-1 server omits them and these defaults hold.
-    access: str = "open"
-    identity: str | None = None  # this client's fingerprint, if it proved one
-    op: bool = False
-    features: tuple[str, ...] = ()
-    max_record: int = MAX_RECORD_FRAME  # the server's R (§1): keep each record within it
-    last_id: int = 0
-    gap: bool = False
-
-
-@dataclass(frozen=True)
-class Message:
-    id: int
-    sender: str
-    text: str
-    ts: int
-    action: bool = False  # §6: /me
-    history: bool = False  # §6: replayed after welcome, not live
-
-
-@dataclass(frozen=True)
-class DirectMessage:
-    id: int
-    sender: str
-    to: str
-    text: str
-    ts: int
-
-
-@dataclass(frozen=True)
-class Joined:
-    name: str
-    identity: str | None = None  # §5: the joiner's fingerprint
-
-
-@dataclass(frozen=True)
-class Left:
-    name: str
-    reason: str
-    by: str | None = None  # §5: the operator, for kicked and banned
-
-
-@dataclass(frozen=True)
-class Users:
-    names: list[str]
-
-
-@dataclass(frozen=True)
-class Pong:
-    id: Any
-
-
-@dataclass(frozen=True)
-class Error:
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Bye:
-    reason: str
-    by: str | None = None  # §5: the operator who kicked or banned this client
-    message: str | None = None  # §5: the operator's reason, when one was given
-
-
-@dataclass(frozen=True)
-class BanEntry:
-    who: str  # a fingerprint or an address
-    until: int | None  # ms since the epoch; None: until unbanned
-    by: str
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class BanList:
-    """The `bans` message (§5): the bans in force, sorted by `who`."""
-
-    bans: list[BanEntry]
-
-
-@dataclass(frozen=True)
-class Muted:
-    by: str
-    until: int | None  # ms since the epoch; None: the mute was lifted
-    name: str | None = None  # set in the operator's acknowledgement
-
-
-@dataclass(frozen=True)
-class WhoisInfo:
-    """The `whois` answer (§5)."""
-
-    name: str
-    identity: str | None
-    op: bool
-    since: int  # ms since the epoch: the join that took the name
-    address: str | None = None  # sent to operators only
-
-
-@dataclass(frozen=True)
-class Unknown:
-    """A server message of a type this client does not know; ignored, not fatal."""
-
-    type: str
-
-
-ServerMessage = Union[
-    Welcome,
-    Message,
-    DirectMessage,
-    Joined,
-    Left,
-    Users,
-    Pong,
-    Error,
-    Bye,
-    BanList,
-    Muted,
-    WhoisInfo,
-    Unknown,
-]
-
-
-def welcome(
-    name: str,
-    users: list[str],
-    max_text: int,
-    rate: int,
-    *,
-    access: str = "open",
-    identity: str | None = None,
-    op: bool = False,
-    features: tuple[str, ...] = FEATURES,
-    max_record: int = MAX_RECORD_FRAME,
-    last_id: int = 0,
-    gap: bool = False,
-) -> dict[str, Any]:
-    """`welcome`; the keyword fields of revision 2 default to an open server's values."""
-    return {
-        "type": "welcome",
-        "name": name,
-        "users": sorted(users),
-        "max_text": max_text,
-        "rate": rate,
-        "access": access,
-        "identity": identity,
-        "op": op,
-        "features": list(features),
-        "max_record": max_record,
-        "last_id": last_id,
-        "gap": gap,
-    }
-
-
-def message(
-    msg_id: int, sender: str, text: str, ts: int, action: bool = False, history: bool = False
-) -> dict[str, Any]:
-    """`message`; `action` and `history` go on the wire only when true (§6)."""
-    obj = {"type": "message", "id": msg_id, "from": sender, "text": text, "ts": ts}
-    if action:
-        obj["action"] = True
-    if history:
-        obj["history"] = True
-    return obj
-
-
-def direct(msg_id: int, sender: str, to: str, text: str, ts: int) -> dict[str, Any]:
-    return {"type": "dm", "id": msg_id, "from": sender, "to": to, "text": text, "ts": ts}
-
-
-def joined(name: str, identity: str | None = None) -> dict[str, Any]:
-    return {"type": "joined", "name": name, "identity": identity}
-
-
-def left(name: str, reason: str, by: str | None = None) -> dict[str, Any]:
-    """`left`; `by` (the operator) only when given (§5)."""
-    obj = {"type": "left", "name": name, "reason": reason}
-    if by is not None:
-        obj["by"] = by
-    return obj
-
-
-def users(names: list[str]) -> dict[str, Any]:
-    return {"type": "users", "names": sorted(names)}
-
-
-def pong(ping_id: Any) -> dict[str, Any]:
-    return {"type": "pong", "id": ping_id}
-
-
-def error(code: str, text: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": text}
-
-
-def bye(reason: str, by: str | None = None, message: str | None = None) -> dict[str, Any]:
-    """`bye`; `by` and `message` only when given (§5: kicked or banned)."""
-    obj = {"type": "bye", "reason": reason}
-    if by is not None:
-        obj["by"] = by
-    if message is not None:
-        obj["message"] = message
-    return obj
-
-
-def ban_entry(who: str, until: int | None, by: str, reason: str | None) -> dict[str, Any]:
-    """One element of `bans.bans` (§5)."""
-    return {"who": who, "until": until, "by": by, "reason": reason}
-
-
-def bans(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """`bans`: the entries (see ban_entry) sorted by `who`, by code point (§5)."""
-    return {"type": "bans", "bans": sorted(entries, key=lambda entry: entry["who"])}
-
-
-def muted(by: str, until: int | None, name: str | None = None) -> dict[str, Any]:
-    """`muted`: to the target without `name`, to the operator with it (§5)."""
-    obj = {"type": "muted", "by": by, "until": until}
-    if name is not None:
-        obj["name"] = name
-    return obj
-
-
-def whois(
-    name: str, identity: str | None, op: bool, since: int, address: str | None = None
-) -> dict[str, Any]:
-    """`whois`; `address` only when given: the server gives it to operators alone (§5)."""
-    obj = {"type": "whois", "name": name, "identity": identity, "op": op, "since": since}
-    if address is not None:
-        obj["address"] = address
-    return obj
-
-
-# The same server messages as bytes, for the server's hot paths: it builds them
-# under its lock, or once per message for every recipient, so they skip the dict
-# and the JSON encoder, and take names and texts already encoded (`json_string`).
-# Each equals `encode_message` of its builder above (tests/test_protocol.py).
-
-
-def json_string(text: str) -> bytes:
-    """A string as `encode_message` writes it: JSON, UTF-8, non-ASCII kept as is."""
-    return json.dumps(text, ensure_ascii=False).encode("utf-8")
-
-
-_ACCESS_JSON = {mode: b'"%s"' % mode.encode("ascii") for mode in ACCESS_MODES}
-_REASON_JSON = {reason: b'"%s"' % reason.encode("ascii") for reason in LEAVE_REASONS}
-
-
-@functools.lru_cache(maxsize=16)
-def _strings_json(items: tuple[str, ...]) -> bytes:
-    """A list of strings as encode_message writes it; the server passes one tuple each time."""
-    return dumps_json(list(items))
-
-
-def encode_welcome(
-    name: bytes,
-    users: list[bytes],
-    max_text: int,
-    rate: int,
-    *,
-    access: str = "open",
-    identity: bytes = b"null",
-    op: bool = False,
-    features: tuple[str, ...] = FEATURES,
-    max_record: int = MAX_RECORD_FRAME,
-    last_id: int = 0,
-    gap: bool = False,
-) -> bytes:
-    """`welcome`; `users` already in JSON and in order (the builder sorts, this does not).
-
-    `identity` is JSON too: json_string(fingerprint), or b"null".
-    """
-    return (
-        b'{"type":"welcome","name":%s,"users":[%s],"max_text":%d,"rate":%d,"access":%s,'
-        b'"identity":%s,"op":%s,"features":%s,"max_record":%d,"last_id":%d,"gap":%s}'
-        % (
-            name,
-            b",".join(users),
-            max_text,
-            rate,
-            _ACCESS_JSON[access],
-            identity,
-            b"true" if op else b"false",
-            _strings_json(tuple(features)),
-            max_record,
-            last_id,
-            b"true" if gap else b"false",
-        )
-    )
-
-
-def encode_message_parts(
-    sender: bytes, text: bytes, ts: int, action: bool = False
-) -> tuple[bytes, bytes]:
-    """`message` around its id: the id is given under the server's lock, the rest is not."""
-    tail = _MESSAGE_TAIL_ACTION if action else _MESSAGE_TAIL
-    return b'{"type":"message","id":', tail % (sender, text, ts)
-
-
-_MESSAGE_TAIL = b',"from":%s,"text":%s,"ts":%d}'
-_MESSAGE_TAIL_ACTION = b',"from":%s,"text":%s,"ts":%d,"action":true}'
-
-
-def mark_history(entry: bytes) -> bytes:
-    """A kept `message` object as replayed after `welcome`: with "history": true (§6).
-
-    `entry` is one object as encode_message_parts built it (no trailing comma).
-    """
-    if not entry.endswith(b"}"):
-        raise ValueError("mark_history takes one encoded message object ending in '}'")
-    return entry[:-1] + b',"history":true}'
-
-
-def encode_direct(msg_id: int, sender: bytes, to: bytes, text: bytes, ts: int) -> bytes:
-    return b'{"type":"dm","id":%d,"from":%s,"to":%s,"text":%s,"ts":%d}' % (
-        msg_id,
-        sender,
-        to,
-        text,
-        ts,
-    )
-
-
-def encode_joined(name: bytes, identity_json: bytes = b"null") -> bytes:
-    """`joined`; `identity_json` is json_string(fingerprint) or b"null" (§5)."""
-    return b'{"type":"joined","name":%s,"identity":%s}' % (name, identity_json)
-
-
-def encode_left(name: bytes, reason: str, by: bytes | None = None) -> bytes:
-    """`left`; `by` is the operator's name in JSON (its name_json), only for kicks and bans."""
-    reason_json = _REASON_JSON.get(reason) or json_string(reason)
-    if by is None:
-        return b'{"type":"left","name":%s,"reason":%s}' % (name, reason_json)
-    return b'{"type":"left","name":%s,"reason":%s,"by":%s}' % (name, reason_json, by)
-
-
-def encode_users(names: list[bytes]) -> bytes:
-    """`users`; `names` already in JSON and in order (the builder sorts, this does not)."""
-    return b'{"type":"users","names":[%s]}' % b",".join(names)
-
-
-class _Fields:
-    """Typed access to a server message's fields; a wrong one is ByeProtocol."""
-
-    def __init__(self, obj: dict[str, Any]):
-        self.obj = obj
-        self.kind = obj["type"]
-
-    def get(self, field: str, kind: type | tuple[type, ...]) -> Any:
-        value = self.obj.get(field)
-        # bool is an int in Python; JSON true/false must not pass as an id or a count.
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-            raise ByeProtocol(f"server {self.kind} has a bad field {field!r}")
-        return value
-
-    def optional(self, field: str, kind: type, default: Any) -> Any:
-        """A field a revision-1 server omits: absent is `default`; null is not absent."""
-        return self.get(field, kind) if field in self.obj else default
-
-    def nullable(self, field: str, kind: type) -> Any:
-        """A field that is present and either null or of `kind`."""
-        if self.obj.get(field, ...) is None:
-            return None
-        return self.get(field, kind)
-
-    def strings(self, field: str) -> list[str]:
-        values = self.get(field, list)
-        if not all(isinstance(v, str) for v in values):
-            raise ByeProtocol(f"server {self.kind} field {field!r} is not a list of strings")
-        return values
-
-
-def _parse_welcome(f: _Fields) -> Welcome:
-    max_record = f.optional("max_record", int, MAX_RECORD_FRAME)
-    if not MIN_SERVER_RECORD_FRAME <= max_record <= MAX_RECORD_FRAME:  # §1
-        raise ByeProtocol(
-            f"server welcome max_record of {_shown_int(max_record)} is outside "
-            f"{MIN_SERVER_RECORD_FRAME}..{MAX_RECORD_FRAME}"
-        )
-    features = tuple(f.strings("features")) if "features" in f.obj else ()
-    return Welcome(
-        f.get("name", str),
-        f.strings("users"),
-        f.get("max_text", int),
-        f.get("rate", int),
-        access=f.optional("access", str, "open"),
-        identity=f.nullable("identity", str) if "identity" in f.obj else None,
-        op=f.optional("op", bool, False),
-        features=features,
-        max_record=max_record,
-        last_id=f.optional("last_id", int, 0),
-        gap=f.optional("gap", bool, False),
-    )
-
-
-def _parse_bans(f: _Fields) -> BanList:
-    entries = []
-    for item in f.get("bans", list):
-        if not isinstance(item, dict):
-            raise ByeProtocol("server bans holds an element that is not an object")
-        entry = _Fields({"type": "bans entry", **item})
-        entries.append(
-            BanEntry(
-                entry.get("who", str),
-                entry.nullable("until", int),
-                entry.get("by", str),
-                entry.nullable("reason", str),
-            )
-        )
-    return BanList(entries)
-
-
-def parse_server_message(obj: dict[str, Any]) -> ServerMessage:
-    """Client side: validate one server message object; malformed is ByeProtocol."""
-    f = _Fields(obj)
-    kind = f.kind
-    if kind == "message":
-        return Message(
-            f.get("id", int),
-            f.get("from", str),
-            f.get("text", str),
-            f.get("ts", int),
-            f.optional("action", bool, False),
-            f.optional("history", bool, False),
-        )
-    if kind == "dm":
-        return DirectMessage(
-            f.get("id", int),
-            f.get("from", str),
-            f.get("to", str),
-            f.get("text", str),
-            f.get("ts", int),
-        )
-    if kind == "welcome":
-        return _parse_welcome(f)
-    if kind == "joined":
-        identity = f.nullable("identity", str) if "identity" in obj else None
-        return Joined(f.get("name", str), identity)
-    if kind == "left":
-        return Left(f.get("name", str), f.get("reason", str), f.optional("by", str, None))
-    if kind == "users":
-        return Users(f.strings("names"))
-    if kind == "pong":
-        return Pong(obj.get("id"))
-    if kind == "error":
-        return Error(f.get("code", str), f.get("message", str))
-    if kind == "bye":
-        return Bye(
-            f.get("reason", str), f.optional("by", str, None), f.optional("message", str, None)
-        )
-    if kind == "bans":
-        return _parse_bans(f)
-    if kind == "muted":
-        return Muted(f.get("by", str), f.nullable("until", int), f.optional("name", str, None))
-    if kind == "whois":
-        return WhoisInfo(
-            f.get("name", str),
-            f.nullable("identity", str),
-            f.get("op", bool),
-            f.get("since", int),
-            f.optional("address", str, None),
-        )
-    return Unknown(kind)
