@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netutil import RECV_S
 from refpeer import RefPeer, connect_and_join, fingerprint_of, parse_json_object, read_plain_frame
 
 ROOT = Path(__file__).resolve().parent.parent
-RECV_S = 5.0  # bound on any single wait for a message
 TS_SLACK_MS = 5_000  # §4 ts: "the server's time"; allow a few seconds of skew and delay
 
 

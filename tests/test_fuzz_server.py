@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from netutil import PROMPT_S, read_until_closed
 from refpeer import (
     RefError,
     RefPeer,
@@ -34,7 +35,6 @@ from refpeer import (
     read_plain_frame,
 )
 
-PROMPT_S = 2.0  # s: how long a close "at once" may take on a loaded test machine
 FUZZ = settings(
     max_examples=100,
     deadline=None,
@@ -59,25 +59,6 @@ def wait_settled(srv: Any, timeout: float = 5.0) -> None:
             return
         assert time.monotonic() < deadline, f"{conns} connections, threads {threads}"
         time.sleep(0.01)
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Every byte the server sends until it closes; fails if it is still open after `timeout`."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"still open after {timeout} s ({len(data)} bytes received)"
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, ConnectionAbortedError):
-            return bytes(data)
-        except socket.timeout:
-            continue
-        if not chunk:
-            return bytes(data)
-        data += chunk
 
 
 def assert_honest_pair_chats(addr: tuple[str, int]) -> None:

@@ -17,12 +17,12 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from netutil import LONG_S, PROMPT_S, UNIT_S, read_until_closed
 from refpeer import (
     PeerClosed,
     RefPeer,
@@ -35,9 +35,8 @@ from refpeer import (
     read_plain_frame,
 )
 
-UNIT = 0.5  # s: the short handshake/idle/send timeout these tests give the server
-PROMPT_S = 2.0  # s: how long a close "at once" may take on a loaded test machine
-LONG = 30.0  # s: a timeout that must NOT be what closes the connection in a test
+UNIT = UNIT_S
+LONG = LONG_S
 MAX_RECORD = 1_048_576  # §1: R, the server's inclusive record limit
 TAG = 16  # §3: GCM tag bytes
 # The connect and join lines of a peer; the others about it are counted (one per departure).
@@ -57,25 +56,6 @@ def open_raw(
     sock.settimeout(5.0)
     sock.connect(addr)
     return sock, json.loads(read_plain_frame(sock))
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Every byte the server sends until it closes; fails if it is still open after `timeout`."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"still open after {timeout} s ({len(data)} bytes received)"
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, ConnectionAbortedError):
-            return bytes(data)
-        except socket.timeout:
-            continue
-        if not chunk:
-            return bytes(data)
-        data += chunk
 
 
 def keyed(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netutil import LONG_S, PROMPT_S, read_until_closed, wait_until
 from refpeer import (
     RefPeer,
     connect_and_join,
@@ -35,9 +36,8 @@ from refpeer import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT_S = 2.0  # s: how long something "at once" may take on a loaded test machine
 SHUTDOWN_S = 2.0  # §4 / issue: exit within 2 s of SIGINT or SIGTERM
-LONG = "30"  # s, as a flag: a timeout that must not be what ends a test's connection
+LONG = str(LONG_S)  # as a flag: a timeout that must not be what ends a test's connection
 # The connect and join lines of a peer; the others about it are counted (one per departure).
 CONNECT_OR_JOIN = r"\bconnect(ed|ion)? from\b|\bjoin"
 
@@ -51,37 +51,10 @@ def open_raw(addr: tuple[str, int]) -> tuple[socket.socket, dict[str, Any]]:
     return sock, json.loads(read_plain_frame(sock))
 
 
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Every byte the server sends until it closes; fails if it is still open after `timeout`."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"still open after {timeout} s ({len(data)} bytes received)"
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, ConnectionAbortedError):
-            return bytes(data)
-        except socket.timeout:
-            continue
-        if not chunk:
-            return bytes(data)
-        data += chunk
-
-
 def reset(sock: socket.socket) -> None:
     """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.01)
 
 
 def server_threads() -> list[threading.Thread]:
