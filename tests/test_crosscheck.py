@@ -1,7 +1,10 @@
-"""Cross-checks of crypto_utils.py (pycryptodome) against tests/refpeer.py (cryptography).
+"""Cross-checks of crypto_utils.py (pycryptodome) against tests/refpeer.py (cryptography), and
+of the real server against the independent client.
 
 Two implementations written apart must agree byte for byte on every
-cryptographic choice of PROTOCOL.md §2 and §3, in both directions.
+cryptographic choice of PROTOCOL.md §2, §3 and §5, in both directions; and the
+reference peer, written from PROTOCOL.md alone, must do all of §5 and §6
+against server.py, checking the shape of every message it receives.
 """
 
 from __future__ import annotations
@@ -12,11 +15,19 @@ import os
 
 import pytest
 import refpeer
-from Crypto.PublicKey import RSA
+from Crypto.PublicKey import ECC, RSA
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from refpeer import RefError, RefRecordCipher, fingerprint_of, make_key_message, server_accept_key
+from refpeer import (
+    RefError,
+    RefIdentity,
+    RefRecordCipher,
+    fingerprint_of,
+    make_key_message,
+    server_accept_key,
+)
+from rev2kit import ask, assert_recent, code_of, presence, room_of
 
 import crypto_utils as cu
 
@@ -300,3 +311,158 @@ def test_hash_of_spki_in_info(spki: bytes) -> None:
     b = cu.derive_keys(*args, b"n" * 32, b"c" * 32, other, b"s" * 32, b"e" * 32)
     assert a != b
     assert b == refpeer.derive_keys(*args, b"n" * 32, b"c" * 32, other, b"s" * 32, b"e" * 32)
+
+
+# --- §5 client identity -------------------------------------------------------------------------
+
+
+def test_identity_transcript_agrees(spki: bytes) -> None:
+    """§5 Proof: both build label || SHA256(SPKI) || nonces || ephs identically."""
+    values = [os.urandom(32) for _ in range(4)]
+    assert cu.identity_transcript(spki, *values) == refpeer.identity_transcript(spki, *values)
+
+
+def test_identity_keys_and_signatures_agree() -> None:
+    """§5: the same seed gives the same raw public key, fingerprint and (deterministic,
+    pure Ed25519) signature in both; each verifies the other's."""
+    for _ in range(4):
+        seed, transcript = os.urandom(32), os.urandom(176)
+        cu_key, ref = ECC.construct(curve="Ed25519", seed=seed), RefIdentity.from_seed(seed)
+        assert cu.identity_public(cu_key) == ref.public
+        assert cu.identity_fingerprint(ref.public) == ref.fingerprint
+        signature = cu.sign_identity(cu_key, transcript)
+        assert signature == ref.sign(transcript)
+        assert refpeer.verify_identity(ref.public, signature, transcript)
+        assert cu.verify_identity(ref.public, ref.sign(transcript), transcript)
+
+
+def test_small_order_sets_agree() -> None:
+    """§5: the small-order keys crypto_utils refuses are the torsion points refpeer derives."""
+    assert set(refpeer.small_order_points()) == cu.ED25519_SMALL_ORDER
+
+
+def _verify_corpus() -> list[tuple[str, bytes, bytes, bytes]]:
+    """(case, public, signature, transcript): good and bad proofs, each named."""
+    ident = RefIdentity()
+    t = os.urandom(176)
+    sig = ident.sign(t)
+    s = int.from_bytes(sig[32:], "little")
+    p = refpeer.ED_P
+    cases = [("genuine", ident.public, sig, t), ("other transcript", ident.public, sig, t[1:])]
+    cases += [
+        ("tampered R", ident.public, bytes([sig[0] ^ 1]) + sig[1:], t),
+        ("tampered S", ident.public, sig[:32] + bytes([sig[32] ^ 1]) + sig[33:], t),
+        ("S + L", ident.public, sig[:32] + (s + refpeer.ED_L).to_bytes(32, "little"), t),
+        ("S = L", ident.public, sig[:32] + refpeer.ED_L.to_bytes(32, "little"), t),
+        ("S = 2^256 - 1", ident.public, sig[:32] + b"\xff" * 32, t),
+        ("short key", ident.public[:31], sig, t),
+        ("long key", ident.public + b"\0", sig, t),
+        ("short proof", ident.public, sig[:63], t),
+        ("long proof", ident.public, sig + b"\0", t),
+        ("off the curve", (2).to_bytes(32, "little"), sig, t),
+        ("random proof", ident.public, os.urandom(64), t),
+    ]
+    for enc in refpeer.small_order_points():
+        cases.append((f"small order {enc.hex()[:8]}", enc, refpeer.degenerate_proof(), t))
+    for y, sign in ((p, 0), (p + 1, 0), (1, 1), (p - 1, 1), (p + 3, 0), (p + 4, 1)):
+        key = (y | sign << 255).to_bytes(32, "little")
+        shown = f"p+{y - p}" if y >= p else str(y)
+        cases.append((f"non-canonical y={shown} sign={sign}", key, refpeer.degenerate_proof(), t))
+        cases.append((f"non-canonical y={shown} sign={sign}, a genuine proof", key, sig, t))
+    return cases
+
+
+def test_verify_identity_agrees() -> None:
+    """§5: both verifiers accept the genuine proof and refuse every bad one alike (sizes,
+    S >= L, small-order and non-canonical keys, points off the curve, wrong transcript)."""
+    for case, public, signature, transcript in _verify_corpus():
+        expected = case == "genuine"
+        assert refpeer.verify_identity(public, signature, transcript) is expected, case
+        assert cu.verify_identity(public, signature, transcript) is expected, case
+
+
+# --- the independent client does all of §5 and §6 against the real server ----------------------
+
+
+def test_independent_client_does_section_5(run_server, tmp_path) -> None:
+    """§5 end to end with the reference peer: identity proof, welcome/joined fields, whois,
+    mute and its lifting, kick, ban by identity and by address, bans, unban, binding and
+    take-over; every message it receives has §4-§6's shape."""
+    op_id, bob_id = RefIdentity(), RefIdentity()
+    with run_server(ops=(op_id.fingerprint,)) as srv, room_of(srv) as r:
+        op, welcome = r.join("op", op_id)
+        assert (welcome["identity"], welcome["op"], welcome["access"]) == (
+            op_id.fingerprint,
+            True,
+            "open",
+        )
+        bob, welcome = r.join("bob", bob_id, source="127.0.0.2")
+        assert (welcome["identity"], welcome["op"]) == (bob_id.fingerprint, False)
+        carol, _ = r.join("carol", source="127.0.0.3")
+        assert presence(op.sync()) == [("joined", "bob", None), ("joined", "carol", None)]
+        bob.sync()
+        # whois: fingerprint for all, address for operators only
+        about = ask(carol, {"type": "whois", "name": "bob"})
+        assert about["identity"] == bob_id.fingerprint and "address" not in about
+        assert_recent(about["since"])
+        assert ask(op, {"type": "whois", "name": "carol"})["address"] == "127.0.0.3"
+        # mute and lift
+        assert ask(op, {"type": "mute", "name": "bob", "minutes": 1})["name"] == "bob"
+        assert bob.recv()["type"] == "muted"
+        assert code_of(ask(bob, {"type": "say", "text": "x"})) == "muted"
+        assert ask(op, {"type": "mute", "name": "bob", "minutes": 0})["until"] is None
+        assert bob.recv() == {"type": "muted", "by": "op", "until": None}
+        # take-over: bob reconnects with his identity before the server saw the old one go
+        bob2, _ = r.join("bob", bob_id, source="127.0.0.3")
+        assert bob.wait_closed(5)[-1] == {"type": "bye", "reason": "replaced"}
+        assert carol.sync() == []
+        # kick, then ban by identity and by address
+        op.send({"type": "kick", "name": "bob", "reason": "cool off"})
+        assert bob2.wait_closed(5)[-1]["message"] == "cool off"
+        bob3, _ = r.join("bob", bob_id)
+        op.send({"type": "ban", "name": "bob", "minutes": 60})
+        assert bob3.wait_closed(5)[-1]["reason"] == "banned"
+        op.send({"type": "ban", "name": "carol", "reason": "spam"})
+        assert carol.wait_closed(5)[-1] == {
+            "type": "bye",
+            "reason": "banned",
+            "by": "op",
+            "message": "spam",
+        }
+        bans = ask(op, {"type": "bans"})["bans"]
+        assert [b["who"] for b in bans] == sorted(["127.0.0.3", bob_id.fingerprint])
+        after = ask(op, {"type": "unban", "who": "127.0.0.3"})["bans"]
+        assert [b["who"] for b in after] == [bob_id.fingerprint]
+        assert r.join("carol", source="127.0.0.3")[1]["name"] == "carol"
+        assert r.connect().join("bob")["code"] == "name_reserved"  # the binding stays
+
+
+def test_independent_client_does_section_6(run_server) -> None:
+    """§6 end to end with the reference peer: actions, history on request after welcome,
+    resume with since, last_id and gap; every message it receives has the right shape."""
+    with run_server(history=5) as srv, room_of(srv) as r:
+        ann, _ = r.join("ann")
+        bob, _ = r.join("bob")
+        ann.sync()
+        ann.send({"type": "say", "text": "waves", "action": True})
+        first = bob.recv()
+        assert first["action"] is True
+        seen = bob.max_id_seen
+        bob.close()
+        ann.send(*[{"type": "say", "text": f"m{i}"} for i in range(3)])
+        carol, _ = r.join("carol")
+        ann.sync()
+        carol.send({"type": "say", "text": "mark"})
+        assert ann.recv()["text"] == "mark"
+        back, welcome = r.join("bob2", since=seen)
+        replay = back.sync()
+        assert [m["text"] for m in replay] == ["m0", "m1", "m2", "mark"]
+        assert all(m["history"] is True for m in replay)
+        assert (welcome["last_id"], welcome["gap"]) == (replay[-1]["id"], False)
+        late, welcome = r.join("dave", history=2)
+        assert [m["text"] for m in late.sync()] == ["m2", "mark"]
+        assert welcome["gap"] is False
+        again, welcome = r.join("erin", since=0, history=1)
+        assert [m["text"] for m in again.sync()] == ["mark"] and welcome["gap"] is True
+        fay, _ = r.join("fay", history=5)
+        assert fay.sync()[0]["action"] is True  # the action survives in history
