@@ -4,18 +4,21 @@
     python3 bench/run.py --quick              # small sizes, a smoke run (< 30 s)
     python3 bench/run.py fanout storm --runs 1
     python3 bench/run.py 'fanout:N=50,K=5,M=200' --workers 2
+    python3 bench/run.py 'storm:N=500' 'storm:N=500,identity=1' --interleave
 
 A scenario is a name (its standard sizes) or name:key=value,... to change them.
-Each run starts a fresh server (one key made for the whole session), so runs
-do not share state. Prints a table of medians per scenario, a summary against
-the targets, and one JSON line per scenario; the same goes to
-bench/results/latest.json. See bench/README.md.
+Each run starts a fresh server (one key made for the whole session) with a
+fresh state file, so runs do not share state. Prints a table of medians per
+scenario, a summary against the targets, and one JSON line per scenario; the
+same goes to bench/results/latest.json. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -81,6 +84,7 @@ SERVER_FLAGS = {
     "send_timeout": 30,  # the generator may lag a little; that is not a slow client
     "max_pending": 256 * 2**20,
 }
+_RUN_IDS = itertools.count()  # names each run's server log and state file
 
 
 def parse_scenario(text: str) -> tuple[str, dict[str, Any]]:
@@ -130,7 +134,12 @@ def run_one(
     if name == "storm":
         time.sleep(0.5)  # the previous run's server and sockets are gone
         extra = scenarios.rsa_bound(keys.key_file)  # before the server, undisturbed
-    log_path = keys.path / f"{name}-{params['N']}-{run}.log"
+    tag = f"{name}-{params['N']}-{run}-{next(_RUN_IDS)}"
+    log_path = keys.path / f"{tag}.log"
+    # A fresh state file per run, never the user's: runs with identity=1 bind names (§5),
+    # and a server holds its state file locked. Through the environment (BCAST_STATE),
+    # so that a server from before --state (an A/B with --server) still starts.
+    os.environ["BCAST_STATE"] = str(keys.path / f"{tag}.db")
     flags = {**SERVER_FLAGS, "max_clients": params["N"] + 64}
     t0 = time.monotonic()
     try:
@@ -138,7 +147,7 @@ def run_one(
             server.start(["taskset", "-c", server_cpus] if server_cpus else None)
             figures = scenarios.RUNNERS[name](server, keys.spki, params)
     except Exception as exc:
-        kept = RESULTS / f"server-{name}-{params['N']}-{run}.log"
+        kept = RESULTS / f"server-{tag}.log"
         RESULTS.mkdir(exist_ok=True)
         shutil.copyfile(log_path, kept)
         raise RuntimeError(f"{type(exc).__name__}: {exc} (server log: {kept})") from exc
@@ -269,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="the server.py to measure (default: this repository's), e.g. a patched copy",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one run of each scenario in turn (A, B, A, B, ...), so that a slow spell "
+        "of this shared machine touches both sides of a comparison",
+    )
     args = parser.parse_args(argv)
     try:
         todo = plan(args.scenarios, args.quick)
@@ -285,29 +300,47 @@ def main(argv: list[str] | None = None) -> int:
         version = str(args.server)
     print(f"server: {version}")
     records: list[dict[str, Any]] = []
+    runs_of: list[list[dict[str, Any]]] = [[] for _ in todo]
+
+    def wanted(i: int) -> bool:
+        # A run during which other programs used much CPU is kept, marked, and
+        # made up for by one more run (at most `--runs` more in all).
+        runs = runs_of[i]
+        undisturbed = sum(not r.get("disturbed") for r in runs)
+        return undisturbed < args.runs and len(runs) < 2 * args.runs
+
+    def one_run(i: int, keys: serverproc.KeyDir) -> None:
+        name, params = todo[i]
+        try:
+            figures = run_one(keys, name, params, len(runs_of[i]), args.server_cpus, args.server)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            figures = {"error": str(exc)}
+        figures["disturbed"] = (
+            figures.get("other_cpu_pct", 0) + figures.get("steal_pct", 0) > DISTURBED_PCT
+        )
+        runs_of[i].append(figures)
+
+    def report(i: int) -> None:
+        name, params = todo[i]
+        median = summarize(runs_of[i])
+        shown = {k: v for k, v in params.items() if k != "scenario"}
+        records.append({"scenario": name, "params": shown, "median": median, "runs": runs_of[i]})
+        print_block(label(name, params), median, runs_of[i])
+        sys.stdout.flush()
+
+    for _, params in todo:
+        params.setdefault("workers", args.workers)
     with serverproc.KeyDir() as keys:
-        for name, params in todo:
-            params.setdefault("workers", args.workers)
-            runs: list[dict[str, Any]] = []
-            # A run during which other programs used much CPU is kept, marked, and
-            # made up for by one more run (at most `--runs` more in all).
-            for attempt in range(2 * args.runs):
-                if sum(not r.get("disturbed") for r in runs) >= args.runs:
-                    break
-                try:
-                    figures = run_one(keys, name, params, attempt, args.server_cpus, args.server)
-                except Exception as exc:
-                    traceback.print_exc(file=sys.stderr)
-                    figures = {"error": str(exc)}
-                figures["disturbed"] = (
-                    figures.get("other_cpu_pct", 0) + figures.get("steal_pct", 0) > DISTURBED_PCT
-                )
-                runs.append(figures)
-            median = summarize(runs)
-            shown = {k: v for k, v in params.items() if k != "scenario"}
-            records.append({"scenario": name, "params": shown, "median": median, "runs": runs})
-            print_block(label(name, params), median, runs)
-            sys.stdout.flush()
+        if args.interleave:
+            while any(map(wanted, range(len(todo)))):
+                for i in range(len(todo)):
+                    if wanted(i):
+                        one_run(i, keys)
+        for i in range(len(todo)):
+            while not args.interleave and wanted(i):
+                one_run(i, keys)
+            report(i)
     if args.server.resolve() == serverproc.SERVER and serverproc.server_version() != version:
         print(
             f"\nWARNING: the server changed during the benchmark ({version} -> "

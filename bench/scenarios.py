@@ -59,7 +59,8 @@ def _worker_main(pipe: Connection, spec: Spec) -> None:
     engine: Engine | None = None
     try:
         serverproc.raise_nofile(len(spec.indices) + 256)
-        engine = Engine(spec.address, spec.spki, spec.indices, spec.n_total)
+        identity = bool(spec.params.get("identity", 0))  # §5 proofs in every join
+        engine = Engine(spec.address, spec.spki, spec.indices, spec.n_total, identity)
         WORKERS[spec.scenario](engine, pipe, spec)
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
