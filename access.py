@@ -16,6 +16,7 @@ import protocol
 from store import Ban, Binding
 
 FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+FIELD_SEPARATOR_RE = re.compile(r"[ \t]+")  # §5: "fields separated by spaces or tabs"
 
 
 class AllowlistError(ValueError):
@@ -34,11 +35,13 @@ def parse_allowlist(text: str, source: str = "the allow file") -> dict[str, List
     """§5 allowlist: `SHA256:<43> <name> [op]` a line, `#` comments; fingerprint -> Listed."""
     listed: dict[str, Listed] = {}
     names: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+    # Lines end at "\n" only (and a "\r" before it): splitlines() would also break at form
+    # feeds, NEL or U+2028 inside a comment, refusing a good file or naming the wrong line.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.split("#", 1)[0].strip(" \t\r")
         if not line:
             continue
-        fields = line.split()
+        fields = FIELD_SEPARATOR_RE.split(line)
         where = f"{source}, line {number}"
         if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "op"):
             raise AllowlistError(f"{where}: expected 'SHA256:<fingerprint> <name> [op]'")

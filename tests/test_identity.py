@@ -31,6 +31,8 @@ from rev2kit import (
     run_refused,
 )
 
+import access
+
 FEATURES = {"identity", "moderation", "history", "action"}
 
 
@@ -383,6 +385,8 @@ def test_allowlist_mode(room, tmp_path: Path) -> None:
         stranger.send(join_message("zed", identity=RefIdentity(), transcript=stranger.transcript))
         refused_and_closed(stranger, "not_allowed")
         peer = r.connect()
+        forged = {"identity": b64(bob_id.public), "proof": b64(bytes(64))}
+        assert code_of(join_raw(peer, name="bob", **forged)) == "bad_identity"  # before not_allowed
         assert peer.join("bobby", identity=bob_id)["code"] == "name_reserved"
         assert peer.join("ann", identity=bob_id)["code"] == "name_reserved"
         welcome = peer.join("bob", identity=bob_id)
@@ -411,27 +415,54 @@ def test_allow_file_sighup(spawn_server, tmp_path: Path) -> None:
             assert code_of(ask(bob, {"type": "bans"})) == "not_op"
             assert len(presence(ann.sync())) == 3  # bob, cat and dan joined
             allow.write_text(
-                f"{ann_id.fingerprint} ann op\n{bob_id.fingerprint} bob op\n"
+                f"{ann_id.fingerprint} ann\n{bob_id.fingerprint} bob op\n"
                 f"{dan_id.fingerprint} daniel\n"
             )
             proc.send_signal(signal.SIGHUP)
             assert cat.wait_closed(5)[-1] == {"type": "bye", "reason": "not_allowed"}
             assert dan.wait_closed(5)[-1] == {"type": "bye", "reason": "not_allowed"}
-            assert ask(bob, {"type": "bans"}) == {"type": "bans", "bans": []}  # op at once
             news = presence(ann.sync())
             assert sorted(news) == [("left", "cat", "not_allowed"), ("left", "dan", "not_allowed")]
+            assert ask(bob, {"type": "bans"}) == {"type": "bans", "bans": []}  # op at once
+            assert code_of(ask(ann, {"type": "bans"})) == "not_op"  # and no longer op
             allow.write_text(f"{ann_id.fingerprint} ann op\n{cat_id.fingerprint} cat oops\n")
             proc.send_signal(signal.SIGHUP)
             line = log.wait_for("line 2")
             assert str(allow) in line
-            # the old list is in force: bob stays an operator, cat is still out
+            # the old list is in force: bob stays an operator, ann does not become one,
+            # cat is still out
             assert ask(bob, {"type": "bans"})["type"] == "bans"
+            assert code_of(ask(ann, {"type": "bans"})) == "not_op"
             again = r.connect()
             again.send(join_message("cat", identity=cat_id, transcript=again.transcript))
             refused_and_closed(again, "not_allowed")
             assert presence(ann.sync()) == []
         finally:
             r.close()
+
+
+def test_allowlist_format() -> None:
+    """§5 allow file: `SHA256:<43> <name> [op]` a line, fields separated by spaces or tabs,
+    `#` comments; a line ends at newline only (a form feed or U+2028 in a comment neither
+    breaks the file nor shifts the line numbers errors give)."""
+    ann, bob = RefIdentity().fingerprint, RefIdentity().fingerprint
+    text = f"# the room \x0c\u2028 ok\r\n{ann}\tＡｎｎ  op # the operator\r\n\n  {bob} bob\n"
+    listed = access.parse_allowlist(text)
+    assert listed == {ann: access.Listed("Ann", True), bob: access.Listed("bob", False)}
+    bad = [
+        (f"#\x0c\n{ann} ann\n{bob}\n", "line 3"),  # no name
+        (f"{ann} ann\n\n{bob} bob admin\n", "line 3"),  # not op
+        (f"{ann} ann\nSHA256:short bob\n", "line 2"),
+        (f"{ann} ann\n{bob} a\x0bb\n", "line 2"),  # a vertical tab is not a separator
+        (f"{ann} ann\n{bob} a b\n", "line 2"),  # three fields, the third not op
+        (f"{ann} ann\n{bob} ANN\n", "line 2"),  # a name listed twice (casefold)
+        (f"{ann} ann\n{ann} bob\n", "line 2"),  # an identity listed twice
+        (f"# \u2028 \x85\n{ann} a b\n", "line 2"),
+        (f"{ann} ann\n\u2028\n", "line 2"),  # only spaces and tabs are blank
+    ]
+    for text, where in bad:
+        with pytest.raises(access.AllowlistError, match=where):
+            access.parse_allowlist(text, "allow")
 
 
 # --- the state file refuses to open ------------------------------------------------------------
