@@ -318,3 +318,25 @@ def test_who_and_whois_take_rate_tokens(op_room) -> None:
         got = [code_of(bob.recv()) for _ in range(5)]
         assert got[:3] == ["users", "whois", "users"]
         assert got[3:] == ["rate_limited", "rate_limited"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug 3 (/work/notes/server-bugs.md): on a dual-stack listener Conn.ip "
+    "keeps the IPv4-mapped form ::ffff:a.b.c.d",
+)
+def test_ipv4_mapped_address_written_as_ipv4(op_room) -> None:
+    """§5: addresses are the peer's IPv4 dotted quad or RFC 5952 IPv6 form, an IPv4-mapped
+    address as IPv4 (a server listening on :: sees IPv4 clients as ::ffff:a.b.c.d); whois,
+    bans and unban use that form."""
+    with op_room(host="::") as (r, op):
+        r4 = Room(("127.0.0.1", r.port))
+        try:
+            guest, _ = r4.join("guest", source="127.0.0.2")
+            assert ask(op, {"type": "whois", "name": "guest"})["address"] == "127.0.0.2"
+            op.send({"type": "ban", "name": "guest"})
+            bye_and_closed(guest)
+            assert [b["who"] for b in ask(op, {"type": "bans"})["bans"]] == ["127.0.0.2"]
+            assert ask(op, {"type": "unban", "who": "127.0.0.2"}) == {"type": "bans", "bans": []}
+        finally:
+            r4.close()
