@@ -247,6 +247,10 @@ def test_mute_and_lift(op_room) -> None:
         assert code_of(ask(bob, {"type": "say", "text": "hello?"})) == "muted"
         assert code_of(ask(bob, {"type": "dm", "to": "carol", "text": "psst"})) == "muted"
         assert code_of(ask(bob, {"type": "dm", "to": "nobody", "text": "x"})) == "unknown_user"
+        # §4 order: fields, size and content come before muted
+        assert code_of(ask(bob, {"type": "say", "text": "x" * 20000})) == "too_long"
+        assert code_of(ask(bob, {"type": "say", "text": ""})) == "bad_message"
+        assert code_of(ask(bob, {"type": "say", "text": "x", "action": 1})) == "bad_message"
         assert carol.sync() == []
         ack = ask(op, {"type": "mute", "name": "bob", "minutes": 0})
         assert ack == {"type": "muted", "name": "bob", "by": "op", "until": None}
@@ -318,6 +322,8 @@ def test_who_and_whois_take_rate_tokens(op_room) -> None:
         got = [code_of(bob.recv()) for _ in range(5)]
         assert got[:3] == ["users", "whois", "users"]
         assert got[3:] == ["rate_limited", "rate_limited"]
+        # §4 order: the target (unknown_user) before the rate
+        assert code_of(ask(bob, {"type": "whois", "name": "nobody"})) == "unknown_user"
 
 
 @pytest.mark.xfail(
