@@ -1,27 +1,35 @@
-"""bcast/1 chat client: a network `Session` apart from a thin terminal UI (PROTOCOL.md).
+"""bcast/1 chat client: a network `Session` apart from the terminal (PROTOCOL.md).
 
-`Session` does the handshake (§2), checks the server's pinned fingerprint,
-seals and sends records (§3) and reads them in its own thread; tests drive it
-without a terminal. `ChatUI` reads lines (readline when there is a terminal,
-plain lines from a pipe) and shows what arrives through `Output.show`, the
-one function that writes to the terminal, behind one lock.
+`Session` is one connection: the handshake (§2), with the server's pinned
+fingerprint checked before anything is sent; sealed records (§3); a reader
+thread that turns records into messages in a bounded queue; keepalive pings.
+Tests drive it without a terminal. `Chat` is the conversation: it shows what
+arrives, turns typed lines into messages and sends them from its own thread,
+paced to the server's rate. Input and output go through one `Console` (a
+raw-mode line editor that owns the input line, so whatever arrives is printed
+above it) or one `Pipe` (lines in, lines out).
 
-Threads: the main thread reads input and sends; the session's reader thread
-turns records into messages in a queue; its keepalive thread pings when idle;
-the UI's display thread shows messages. Locks: `Session._send_lock` guards the
-send counter and the socket's writes (seal and send together, so counter order
-is wire order); `Output._lock` guards the terminal.
+Threads: the main thread reads input and hands each line to `Chat.handle`;
+the chat's network thread shows what the session receives; its sender thread
+sends queued lines; the session's reader and keepalive threads. Locks, never
+two at once except Console._lock then Chat._lock (Tab completion reads the
+user list): `Session._send_lock` guards the send counter and the socket's
+writes (seal and send together, so counter order is wire order);
+`Console._lock` guards the screen and the input line, and every write to the
+terminal happens under it, so a message cannot land on the prompt;
+`Outbox._cond` guards the lines waiting to be sent; `Chat._lock` guards the
+user list and the counters the network and main threads share.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
 import queue
 import re
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -30,19 +38,23 @@ import threading
 import time
 import unicodedata
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from protocol import (
     MAX_HANDSHAKE_FRAME,
     MAX_RECORD_FRAME,
+    MAX_RECORD_PLAINTEXT,
     Bye,
     ClientMessage,
     DirectMessage,
     Dm,
     Error,
     FrameDecoder,
+    Hello,
     Join,
     Joined,
     KeyExchange,
@@ -62,12 +74,13 @@ from protocol import (
     encode_key,
     has_lone_surrogate,
     join_record,
+    name_key,
+    name_problem,
     parse_handshake_error,
     parse_hello,
     parse_server_message,
     text_problem,
     utf8_size,
-    valid_name,
 )
 
 # The one third-party package (pycryptodome, imported by crypto_utils): a terminal without
@@ -88,13 +101,23 @@ except ModuleNotFoundError as exc:
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12345
 CONNECT_TIMEOUT_S = 10.0  # the server's own handshake timeout is 10 s (§4)
+# A connection opened this long ago is not used for a join: the server's handshake timeout
+# (10 s) counts from the TCP accept, and the name may take a person a while to type.
+JOIN_FRESH_S = 6.0
 IDLE_PING_S = 30.0  # §4 Timeouts: "a client idle for 30 s sends a ping"
 PONG_WAIT_S = 30.0  # nothing heard this long after a ping: the server is gone
 BYE_WAIT_S = 2.0  # how long `leave` waits for the server's `bye` before closing
+DRAIN_WAIT_S = 5.0  # on /quit, how long lines still waiting for a rate token may take
+INBOX_MESSAGES = 1000  # read but not shown yet; past it the reader stops reading the socket
+OUTBOX_LINES = 100  # typed but not sent yet; past it a pipe waits, a person is told
+HISTORY_LINES = 500  # lines Up and Down recall
+ESC_WAIT_S = 0.05  # an ESC with nothing after it for this long is the Escape key itself
+MAX_SANE_RATE = 1_000_000  # a welcome.rate above this is treated as no limit at all
 EXIT_OK, EXIT_LOST, EXIT_USAGE = 0, 1, 2
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")  # 32 bytes, unpadded base64
-NAME_RULE = "a name is 1-32 letters or digits (and _-.), starting with a letter or digit"
 PROMPT = "> "
+NAME_PROMPT = "your name: "
+BELL_MODES = ("off", "mentions", "all")
 
 
 class ClientError(Exception):
@@ -107,8 +130,16 @@ class ConnectionLost(ClientError):
     """The connection is gone or unusable: refused, closed, tampered or malformed."""
 
 
-class NameRefused(ClientError):
-    """The server answered `join` with `invalid_name` or `name_taken` (§4)."""
+class JoinRefused(ClientError):
+    """The server answered `join` with an error (§4, §5); `code` says which."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+class NameRefused(JoinRefused):
+    """`invalid_name`, `name_taken` or `name_reserved`: another name may do."""
 
 
 class UsageError(ClientError):
@@ -130,6 +161,16 @@ def host_key(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def parse_host_key(value: str) -> str:
+    """`HOST:PORT` (or `[IPv6]:PORT`) as the user typed it, as a known_hosts key."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:12345)")
+    return host_key(host, int(port))
+
+
 def default_known_hosts() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or ""
     root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
@@ -137,7 +178,7 @@ def default_known_hosts() -> Path:
 
 
 class KnownHosts:
-    """Pins as lines `host:port SHA256:...`; appended, never rewritten, never skipped.
+    """Pins as lines `host:port SHA256:...`: appended, or replaced atomically; never skipped.
 
     Only the default file's folders are created (`create_dirs`): a path the user
     gave whose folder is missing is a typo to report, not a tree to make.
@@ -147,15 +188,17 @@ class KnownHosts:
         self.path = path
         self.create_dirs = create_dirs
 
-    def lookup(self, key: str) -> tuple[str, int] | None:
-        """(fingerprint, line number) pinned for `key`; a malformed line is a TrustError."""
+    def _read(self) -> list[str]:
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            return self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            return None
+            return []
         except (OSError, UnicodeDecodeError) as exc:
             raise TrustError(f"cannot read {self.path}: {exc}") from None
-        found: tuple[str, int] | None = None
+
+    def _pins(self, lines: list[str]) -> list[tuple[int, str, str]]:
+        """(line number, host:port, fingerprint) of every pin; a malformed line is an error."""
+        pins = []
         for number, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
@@ -165,21 +208,27 @@ class KnownHosts:
                     f"{self.path} line {number} is malformed (expected 'host:port SHA256:...'): "
                     f"{sanitize(line)!r}; fix or remove that line"
                 )
-            if fields[0].lower() != key:
+            pins.append((number, fields[0].lower(), fields[1]))
+        return pins
+
+    def lookup(self, key: str) -> tuple[str, int] | None:
+        """(fingerprint, line number) pinned for `key`; a malformed line is a TrustError."""
+        found: tuple[str, int] | None = None
+        for number, host, fp in self._pins(self._read()):
+            if host != key:
                 continue
-            if found and found[0] != fields[1]:
+            if found and found[0] != fp:
                 raise TrustError(
                     f"{self.path} pins two different fingerprints for {key} (lines {found[1]} "
                     f"and {number}); remove the wrong one"
                 )
-            found = found or (fields[1], number)
+            found = found or (fp, number)
         return found
 
     def add(self, key: str, fp: str) -> None:
         """Append one pin (O_APPEND, one write), creating the file 0600 (and the default
         file's folders 0700)."""
-        if self.create_dirs:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_folder()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -192,17 +241,55 @@ class KnownHosts:
         finally:
             os.close(fd)
 
+    def replace(self, key: str, fp: str | None) -> list[str]:
+        """Put `fp` in place of every pin of `key` (None: remove them), by writing a new file
+        and renaming it over the old one; returns the fingerprints taken out."""
+        lines = self._read()
+        gone = {number: old for number, host, old in self._pins(lines) if host == key}
+        kept = [line for number, line in enumerate(lines, 1) if number not in gone]
+        if fp is not None:
+            kept.append(f"{key} {fp}")
+        self._make_folder()
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        return list(dict.fromkeys(gone.values()))
+
+    def _make_folder(self) -> None:
+        if self.create_dirs:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
 
 def check_pin(
     known: KnownHosts, key: str, fp: str, explicit: str | None, status: Callable[[str], None]
 ) -> None:
-    """Trust on first use per `host:port`, or the `--fingerprint` the user gave (§2)."""
+    """Trust on first use per `host:port`, or the `--fingerprint` the user gave (§2), which
+    is then pinned too (replacing an older pin, saying so)."""
     if explicit:
         if fp != explicit:
             raise TrustError(
                 f"the server at {key} presents the fingerprint {fp}, not {explicit} as given "
                 "with --fingerprint; not connecting"
             )
+        pinned = known.lookup(key)
+        if pinned and pinned[0] == fp:
+            return
+        try:
+            known.replace(key, fp)
+        except OSError as exc:
+            status(f"{fp} matches, but cannot be pinned in {known.path}: {exc.strerror or exc}")
+            return
+        was = f", replacing the old pin {pinned[0]}" if pinned else ""
+        status(f"pinned {fp} for {key} in {known.path} as given with --fingerprint{was}")
         return
     pinned = known.lookup(key)
     if pinned is None:
@@ -219,8 +306,9 @@ def check_pin(
             f"The server now presents  {fp}\nbut you pinned           {pinned[0]}\n"
             f"in {known.path} line {pinned[1]}.\n"
             "Someone may be intercepting the connection, or the server's key was replaced.\n"
-            f"If you know the key was replaced on purpose, remove line {pinned[1]} of "
-            f"{known.path} and connect again. Not connecting."
+            "If you know the key was replaced on purpose, check the new fingerprint with the "
+            f"server's operator, then run\n    python3 client.py --forget {key}\n"
+            f"(or remove line {pinned[1]} of {known.path}) and connect again. Not connecting."
         )
 
 
@@ -233,14 +321,14 @@ _INVISIBLE = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u
 def sanitize(text: str, newlines: str | None = None) -> str:
     """`text` with control characters and terminal escapes shown escaped, never interpreted.
 
-    `newlines`, if given, replaces each \\n (a continuation marker on a terminal).
+    `newlines`, if given, replaces each \\n (and tabs are kept, as spaces).
     """
     out = []
     for ch in text:
         if ch == "\n" and newlines is not None:
             out.append(newlines)
         elif ch == "\t":
-            out.append(ch if newlines is not None else "\\t")
+            out.append("    " if newlines is not None else "\\t")
         elif ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
             o = ord(ch)
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
@@ -249,16 +337,147 @@ def sanitize(text: str, newlines: str | None = None) -> str:
     return "".join(out)
 
 
+def char_width(ch: str) -> int:
+    """Columns `ch` takes on a terminal: East Asian wide and fullwidth 2, combining marks
+    and zero-width characters 0, others 1 (what the line editor and wrapping count)."""
+    if " " <= ch < "\u0300":
+        return 0 if ch == "\u00ad" else 1
+    category = unicodedata.category(ch)
+    if category in ("Mn", "Me", "Cf", "Cc") or "\u1160" <= ch <= "\u11ff":  # + Hangul jamo
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+_SGR = re.compile(r"\x1b\[[0-9;]*m")  # our own colour codes: no width
+_CELL = re.compile(r"\x1b\[[0-9;]*m|.", re.DOTALL)
+
+
+def text_width(text: str) -> int:
+    """Columns `text` takes, not counting our colour codes."""
+    return sum(char_width(ch) for ch in _SGR.sub("", text))
+
+
+def advance(row: int, col: int, width: int, cols: int) -> tuple[int, int]:
+    """Where the cursor is after a character of `width` drawn at (row, col), as a terminal
+    wraps: a character that does not fit goes whole to the next row."""
+    if width and col + width > cols:
+        row, col = row + 1, 0
+    return row, col + width
+
+
+def wrap(text: str, cols: int, indent: int) -> list[str]:
+    """`text` (which may hold newlines and our colour codes) as rows of at most `cols`
+    columns, broken at spaces where possible; rows after the first start with `indent`
+    spaces, so a long message hangs under its text, not under its timestamp."""
+    if indent > cols // 2:  # a narrow terminal or a long name: a small indent, not none
+        indent = min(2, indent)
+    rows: list[str] = []
+    for paragraph in text.split("\n"):
+        width = cols if not rows else cols - indent
+        for piece in _wrap_paragraph(paragraph, width, cols - indent):
+            rows.append(piece if not rows else " " * indent + piece)
+    return rows
+
+
+def _wrap_paragraph(text: str, first: int, rest: int) -> list[str]:
+    rows: list[str] = []
+    row, used, width = "", 0, max(1, first)
+    for token in re.findall(r" *[^ ]+| +", text) or [""]:
+        size = text_width(token)
+        if used + size > width and used:  # to the next row, without its leading spaces
+            rows.append(row)
+            row, used, width = "", 0, max(1, rest)
+            token = token.lstrip(" ")
+        for cell in _CELL.findall(token):  # longer than a row: break it anywhere
+            size = 0 if cell.startswith("\x1b") else char_width(cell)
+            if used + size > width and used:
+                rows.append(row)
+                row, used, width = "", 0, max(1, rest)
+            row += cell
+            used += size
+    rows.append(row)
+    return rows
+
+
 _NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+
+# §4 and §5 reasons in plain words, never the codes themselves.
+LEFT_WORDS = {
+    "leave": "left",
+    "disconnect": "left (connection lost)",
+    "timeout": "left (silent too long)",
+    "slow": "left (could not keep up)",
+    "protocol": "left (protocol error)",
+    "kicked": "was kicked",
+    "banned": "was banned",
+    "not_allowed": "left (no longer allowed here)",
+    "replaced": "left (joined again elsewhere)",
+}
+BYE_WORDS = {
+    "leave": "you left",
+    "timeout": "the server closed the connection: it heard nothing from us for too long",
+    "protocol": "the server closed the connection after a protocol error",
+    "shutdown": "the server is shutting down",
+    "kicked": "you were kicked",
+    "banned": "you were banned",
+    "not_allowed": "you are not allowed on this server (any more)",
+    "replaced": "you joined again from somewhere else, which replaced this connection",
+}
+
+
+def bye_sentence(bye: Bye) -> str:
+    """What a `bye` means, in words: who did it and why, when the server says."""
+    words = BYE_WORDS.get(bye.reason, f"the server closed the connection ({bye.reason})")
+    by = getattr(bye, "by", None)
+    message = getattr(bye, "message", None)
+    if by:
+        words += f" by {sanitize(by)}"
+    if message:
+        words += f": {sanitize(message)}"
+    return sanitize(words)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One thing to show: `text` (our colour codes allowed) wraps with its continuation rows
+    indented by `indent` columns. `status` lines go to stderr in a pipe; `bell` rings."""
+
+    text: str
+    indent: int = 0
+    status: bool = False
+    bell: bool = False
+    ts: int | None = None  # ms since the epoch, for the date rule; None: not a timed line
+
+
+def clock_time(ts_ms: int | None = None) -> time.struct_time | None:
+    try:
+        return time.localtime(None if ts_ms is None else ts_ms / 1000)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def day_rule(when: time.struct_time) -> str:
+    """`--- Saturday 5 December 2026 ---`: shown when the date changes."""
+    return f"--- {time.strftime('%A', when)} {when.tm_mday} {time.strftime('%B %Y', when)} ---"
 
 
 class Style:
-    """Formats server messages as one screen line each; colour codes only when asked."""
+    """Formats what is shown; colour codes only when asked; `me` is who mentions ring for."""
 
     def __init__(self, colour: bool, me: str = "", multiline: bool = False):
         self.colour = colour
+        self.multiline = multiline  # a terminal: newlines kept (wrapped); a pipe: escaped
         self.me = me
-        self.newlines = "\n    | " if multiline else None  # pipes: one message per line
+
+    @property
+    def me(self) -> str:
+        return self._me
+
+    @me.setter
+    def me(self, name: str) -> None:
+        self._me = name
+        key = re.escape(name_key(name)) if name else "(?!)"
+        self._mention = re.compile(rf"(?<!\w){key}(?!\w)")
 
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
@@ -268,45 +487,96 @@ class Style:
         return self.paint(sanitize(raw), f"1;{code}" if raw == self.me else str(code))
 
     def clock(self, ts_ms: int | None = None) -> str:
-        try:
-            when = time.localtime(None if ts_ms is None else ts_ms / 1000)
-        except (OverflowError, OSError, ValueError):
-            return "[??:??:??]"
-        return "[" + time.strftime("%H:%M:%S", when) + "]"
-
-    def event(self, arrow: str, name: str, what: str) -> str:
-        """A join or leave: dimmed, with an arrow, unlike a message."""
-        return (
-            self.paint(f"{self.clock()} {arrow} ", "2")
-            + self.name(name)
-            + self.paint(f" {what}", "2")
-        )
+        when = clock_time(ts_ms)
+        return "[??:??:??]" if when is None else "[" + time.strftime("%H:%M:%S", when) + "]"
 
     def text(self, raw: str) -> str:
-        return sanitize(raw, self.newlines)
+        return sanitize(raw, "\n" if self.multiline else None)
 
-    def format(self, msg: ServerMessage) -> tuple[str, bool] | None:
-        """(line, is_status) for a message worth showing, else None."""
+    def mentions(self, text: str) -> bool:
+        """Whether `text` names me as a whole word, case-insensitively (like IRC, Slack)."""
+        return bool(self._mention.search(name_key(text)))
+
+    def _said(self, head: str, text: str, ts: int | None, loud: bool = False) -> Line:
+        body = self.text(text)
+        if loud:
+            body = self.paint(body, "1;33")
+        return Line(f"{head} {body}", text_width(head) + 1, ts=ts if ts is not None else now_ms())
+
+    def message(self, msg: Message) -> Line:
+        if getattr(msg, "action", False):
+            head = f"{self.clock(msg.ts)} * {self.name(msg.sender)}"
+        else:
+            head = f"{self.clock(msg.ts)} <{self.name(msg.sender)}>"
+        return self._said(head, msg.text, msg.ts, loud=self.mentions(msg.text))
+
+    def direct(self, msg: DirectMessage) -> Line:
+        head = f"{self.clock(msg.ts)} {self.paint('[dm]', '1;35')} <{self.name(msg.sender)}>"
+        return self._said(head, msg.text, msg.ts, loud=True)
+
+    def own(self, msg: ClientMessage) -> Line:
+        """A line I typed, shown like everyone's once it is handed over for sending."""
+        if isinstance(msg, Dm):
+            tag = self.paint(f"[dm → {sanitize(msg.to)}]", "1;35")
+            return self._said(f"{self.clock()} {tag}", msg.text, None)
+        assert isinstance(msg, Say)
+        if getattr(msg, "action", False):
+            return self._said(f"{self.clock()} * {self.name(self.me)}", msg.text, None)
+        return self._said(f"{self.clock()} <{self.name(self.me)}>", msg.text, None)
+
+    def event(self, arrow: str, name: str, what: str) -> Line:
+        """A join or leave: dimmed, with an arrow, unlike a message."""
+        head = self.paint(f"{self.clock()} {arrow} ", "2")
+        return Line(head + self.name(name) + self.paint(f" {what}", "2"), 11, ts=now_ms())
+
+    def left(self, msg: Left) -> Line:
+        words = LEFT_WORDS.get(msg.reason, f"left ({sanitize(msg.reason)})")
+        by = getattr(msg, "by", None)
+        return self.event("<--", msg.name, words + (f" by {sanitize(by)}" if by else ""))
+
+    def users(self, names: list[str]) -> Line:
+        head = f"{self.clock()} here ({len(names)}):"
+        listed = ", ".join(self.name(n) for n in names)
+        return Line(f"{head} {listed}", text_width(head) + 1, ts=now_ms())
+
+    def status(self, text: str) -> Line:
+        return Line(self.paint(f"* {text}", "2"), 2, status=True)
+
+    def problem(self, text: str) -> Line:
+        return Line(self.paint(f"* {text}", "31"), 2, status=True)
+
+    def format(self, msg: ServerMessage) -> Line | None:
+        """The line for a message worth showing as it is, else None."""
         if isinstance(msg, Message):
-            return f"{self.clock(msg.ts)} <{self.name(msg.sender)}> {self.text(msg.text)}", False
+            return self.message(msg)
         if isinstance(msg, DirectMessage):
-            tag = self.paint("[dm]", "1;35")
-            return (
-                f"{self.clock(msg.ts)} {tag} <{self.name(msg.sender)}> {self.text(msg.text)}",
-                False,
-            )
+            return self.direct(msg)
         if isinstance(msg, Joined):
-            return self.event("-->", msg.name, "joined"), False
+            return self.event("-->", msg.name, "joined")
         if isinstance(msg, Left):
-            why = "" if msg.reason == "leave" else f" ({sanitize(msg.reason)})"
-            return self.event("<--", msg.name, f"left{why}"), False
+            return self.left(msg)
         if isinstance(msg, Users):
-            names = ", ".join(self.name(n) for n in msg.names)
-            return f"{self.clock()} here ({len(msg.names)}): {names}", False
+            return self.users(msg.names)
         if isinstance(msg, Error):
-            line = f"not delivered: {sanitize(msg.message)} ({sanitize(msg.code)})"
-            return self.paint(line, "31"), True
+            return self.problem(error_sentence(msg))
         return None  # pong, bye and unknown types are handled elsewhere or ignored
+
+
+ERROR_WORDS = {
+    "rate_limited": "not delivered: you are sending faster than the server allows",
+    "not_op": "refused: only operators may do that",
+    "muted": "not delivered: you are muted",
+}
+
+
+def error_sentence(err: Error) -> str:
+    """An `error` answering something I sent, in words (the server's own sentence)."""
+    words = ERROR_WORDS.get(err.code)
+    return words or f"not delivered: {sanitize(err.message)}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # --- pacing (§4 Rate limit) ---
@@ -340,37 +610,84 @@ class Pacer:
         return wait
 
 
+def sane_welcome(welcome: Welcome) -> Welcome:
+    """`welcome` with absurd values clamped, so no later arithmetic overflows: a rate past
+    MAX_SANE_RATE (or negative) is no limit, max_text stays within one record."""
+    rate = welcome.rate if 0 <= welcome.rate <= MAX_SANE_RATE else 0
+    max_text = min(max(1, welcome.max_text), MAX_RECORD_PLAINTEXT)
+    if (rate, max_text) == (welcome.rate, welcome.max_text):
+        return welcome
+    return replace(welcome, rate=rate, max_text=max_text)
+
+
 # --- the network session ---
 
 _END = object()  # queued by the reader after the last message
 
 
 class Session:
-    """One joined connection: sealed sends, a reader thread, keepalive pings. No terminal."""
+    """One connection: handshake, sealed sends, a reader thread, keepalive pings. No terminal.
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        decoder: FrameDecoder,
-        tx: RecordCipher,
-        rx: RecordCipher,
-        fp: str,
-    ):
+    `open` connects and checks the server's key; `join` then sends `key` and `join`
+    in one write (§2) and waits for `welcome`; a refused join leaves the keyed
+    connection open for another try.
+    """
+
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, hello: Hello, fp: str):
         self.fingerprint = fp
+        self.hello = hello
         self.welcome: Welcome | None = None
+        self.opened_at = time.monotonic()
         self._sock = sock
         self._decoder = decoder
-        self._tx = tx  # guarded by _send_lock
-        self._rx = rx  # the reader thread's alone once started
+        self._tx: RecordCipher | None = None  # guarded by _send_lock once start() ran
+        self._rx: RecordCipher | None = None  # the joining thread's, then the reader's
+        self._key_frame = b""  # `key`, until it goes out with the first join
+        self.client_nonce = self.client_eph = b""
         self._send_lock = threading.Lock()
-        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._early: deque[ServerMessage] = deque()  # what came with welcome, before start()
+        self._inbox: queue.Queue[Any] = queue.Queue(INBOX_MESSAGES)
         self._closed = threading.Event()
+        self._abandoned = threading.Event()  # close() ran: the reader gives up on a full inbox
         self._end: ConnectionLost | None = None  # why the connection ended, first cause wins
-        self._bye: str | None = None
-        self._pacer: Pacer | None = None  # guarded by _send_lock
+        self._bye: Bye | None = None
         self._last_sent = self._last_heard = time.monotonic()
         self.idle_ping_s = IDLE_PING_S  # attributes, so tests can shorten them before start()
         self.pong_wait_s = PONG_WAIT_S
+
+    @classmethod
+    def open(
+        cls,
+        host: str,
+        port: int,
+        verify: Callable[[str], None],
+        timeout: float = CONNECT_TIMEOUT_S,
+    ) -> Session:
+        """Connect, read `hello` and check the server's fingerprint (`verify` raises)."""
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectionLost(
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
+            body = _read_frame(sock, decoder, None)
+            refusal = parse_handshake_error(body)
+            if refusal is not None:
+                why = "the server is full" if refusal.code == "server_full" else "refused"
+                raise ConnectionLost(f"{why}: {sanitize(refusal.message)}")
+            try:
+                hello = parse_hello(body)
+            except ProtocolError as exc:
+                raise ConnectionLost(f"the server's hello is invalid ({exc}); closed") from None
+            fp = fingerprint(hello.key)
+            verify(fp)
+            return cls(sock, decoder, hello, fp)
+        except BaseException:
+            sock.close()
+            raise
 
     @classmethod
     def connect(
@@ -381,76 +698,79 @@ class Session:
         verify: Callable[[str], None],
         timeout: float = CONNECT_TIMEOUT_S,
     ) -> Session:
-        """Connect, check the pin, send `key` and `join` at once, wait for `welcome` (§2)."""
+        """Open and join as `name` in one go; a refusal sends `leave` and closes."""
+        self = cls.open(host, port, verify, timeout)
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise ConnectionLost(
-                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-            ) from None
-        try:
-            return cls._handshake(sock, name, verify)
-        except BaseException:
-            sock.close()
+            self.join(Join(name))
+        except JoinRefused:
+            with contextlib.suppress(ClientError):
+                self._send_now([Leave()])
+            self.close()
             raise
+        except BaseException:
+            self.close()
+            raise
+        return self
 
-    @classmethod
-    def _handshake(cls, sock: socket.socket, name: str, verify: Callable[[str], None]) -> Session:
-        decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
-        body = _read_frame(sock, decoder, None)
-        refusal = parse_handshake_error(body)
-        if refusal is not None:
-            why = "the server is full" if refusal.code == "server_full" else "the server refused us"
-            raise ConnectionLost(f"{why}: {sanitize(refusal.message)}")
-        try:
-            hello = parse_hello(body)
-        except ProtocolError as exc:
-            raise ConnectionLost(f"the server's hello is invalid ({exc}); closed") from None
-        fp = fingerprint(hello.key)
-        verify(fp)
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.opened_at
+
+    def prepare_keys(self) -> None:
+        """Derive the session keys (§2) if not done yet; `key` goes out with the next join."""
+        if self._tx is not None:
+            return
+        hello = self.hello
         try:
             nonce, wrapped, eph, k_c2s, k_s2c = client_keys(hello.key, hello.nonce, hello.eph)
         except CryptoError as exc:
             raise ConnectionLost(f"cannot use the server's keys: {exc}") from None
-        self = cls(sock, decoder, RecordCipher(k_c2s), RecordCipher(k_s2c), fp)
-        key = encode_frame(encode_key(KeyExchange(nonce, wrapped, eph)))
-        self._sendall(key + self._seal([Join(name)]))  # §2: key and first record in one write
-        decoder.max_len = MAX_RECORD_FRAME
+        self._tx, self._rx = RecordCipher(k_c2s), RecordCipher(k_s2c)
+        self.client_nonce, self.client_eph = nonce, eph
+        self._key_frame = encode_frame(encode_key(KeyExchange(nonce, wrapped, eph)))
+        self._decoder.max_len = MAX_RECORD_FRAME
+
+    def join(self, join: Join) -> Welcome:
+        """Send `join` (after `key`, in the same write, the first time); wait for `welcome`.
+
+        JoinRefused when the server answers with an error (the connection stays,
+        unless a `bye` follows); ConnectionLost when it closes.
+        """
+        self.prepare_keys()
+        self._send_now([join])
         while True:
             msgs = self._read_messages()
             for i, msg in enumerate(msgs):
                 if isinstance(msg, Welcome):
-                    self.welcome = msg
-                    for rest in msgs[i + 1 :]:
-                        self._inbox.put(rest)
-                    sock.settimeout(None)
-                    return self
+                    self.welcome = sane_welcome(msg)
+                    self._early.extend(msgs[i + 1 :])
+                    self._sock.settimeout(None)
+                    return self.welcome
                 if isinstance(msg, Error):
-                    with contextlib.suppress(ClientError):
-                        self._sendall(self._seal([Leave()]))  # still single-threaded here
-                    text = f"{sanitize(msg.message)} ({sanitize(msg.code)})"
-                    if msg.code in ("invalid_name", "name_taken"):
-                        raise NameRefused(text)
-                    raise ConnectionLost(f"the server refused to let us join: {text}")
+                    raise join_refusal(msg, join.name)
+                if isinstance(msg, Bye):
+                    raise ConnectionLost(bye_sentence(msg))
 
-    def start(self, pace: bool = True) -> None:
-        """Start the reader and keepalive threads; pace say/dm to `welcome.rate` if asked."""
-        if pace and self.welcome and self.welcome.rate:
-            self._pacer = Pacer(self.welcome.rate)
+    def start(self) -> None:
+        """Start the reader and keepalive threads (after a successful join)."""
         threading.Thread(target=self._read_loop, name="bcast-reader", daemon=True).start()
         threading.Thread(target=self._keepalive, name="bcast-keepalive", daemon=True).start()
 
     def send(self, *msgs: ClientMessage) -> None:
-        """Seal the messages as one record and send it; say/dm wait for a token first."""
-        if self._pacer and any(isinstance(m, (Say, Dm)) for m in msgs):
-            with self._send_lock:  # the pacer's state; the token is booked before the sleep
-                wait = self._pacer.take()
-            time.sleep(wait)
+        """Seal the messages as one record and send it."""
         with self._send_lock:  # seal and send together: counter order is wire order (§3)
             self._sendall(self._seal(list(msgs)))
 
+    def _send_now(self, msgs: list[ClientMessage]) -> None:
+        """Send before start(): `key` first if it has not gone out yet (§2: in one write)."""
+        with self._send_lock:
+            frame, self._key_frame = self._key_frame + self._seal(msgs), b""
+            self._sendall(frame)
+
     def recv(self, timeout: float | None = None) -> ServerMessage:
         """The next message; ConnectionLost once the connection is over; queue.Empty on timeout."""
+        if self._early:
+            return self._early.popleft()
         item = self._inbox.get(timeout=timeout)
         if item is _END:
             self._inbox.put(_END)
@@ -469,10 +789,16 @@ class Session:
         """Why the connection ended (first cause), once it has."""
         return self._end
 
+    @property
+    def bye(self) -> Bye | None:
+        """The server's `bye`, if one came."""
+        return self._bye
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         return self._closed.wait(timeout)
 
     def close(self) -> None:
+        self._abandoned.set()
         self._shutdown()
         self._sock.close()
 
@@ -482,7 +808,8 @@ class Session:
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def _seal(self, msgs: list[ClientMessage]) -> bytes:
-        """One framed record; the caller holds `_send_lock` (or is still in the handshake)."""
+        """One framed record; the caller holds `_send_lock`."""
+        assert self._tx is not None
         if self._tx.exhausted:  # §3: close before the counter would reach 2**32
             self._shutdown()
             raise ConnectionLost("the record counter is used up; reconnect")
@@ -496,8 +823,9 @@ class Session:
         self._last_sent = time.monotonic()
 
     def _read_messages(self) -> list[ServerMessage]:
-        body = _read_frame(self._sock, self._decoder, self._bye_note)
+        body = _read_frame(self._sock, self._decoder, self._closed_words)
         self._last_heard = time.monotonic()
+        assert self._rx is not None
         try:
             plain = self._rx.open(body)
         except CryptoError as exc:  # §3: close at once, no bye, do not try the next one
@@ -505,30 +833,38 @@ class Session:
             raise ConnectionLost(
                 f"a record from the server failed to open ({exc}); closed"
             ) from None
-        try:
+        try:  # the server's batches are not limited to 64 messages (§3)
             msgs = [parse_server_message(obj) for obj in decode_record(plain, None)]
         except ProtocolError as exc:
             self._shutdown()
             raise ConnectionLost(f"the server sent a malformed record ({exc}); closed") from None
         for msg in msgs:
             if isinstance(msg, Bye):
-                self._bye = msg.reason
+                self._bye = msg
         return msgs
 
-    def _bye_note(self) -> str:
-        return f" (bye: {sanitize(self._bye)})" if self._bye else ""
+    def _closed_words(self) -> str:
+        return bye_sentence(self._bye) if self._bye else "the server closed the connection"
 
     def _read_loop(self) -> None:
         try:
             while True:
                 for msg in self._read_messages():
-                    self._inbox.put(msg)
+                    self._put(msg)
         except ConnectionLost as exc:
             self._end = self._end or exc
         finally:
             self._shutdown()
             self._closed.set()
-            self._inbox.put(_END)
+            self._put(_END)
+
+    def _put(self, item: Any) -> None:
+        """Queue for the display; a full queue stops this thread, and so the socket's reading
+        (backpressure reaches the server, which drops a client that falls too far behind)."""
+        while not self._abandoned.is_set():
+            with contextlib.suppress(queue.Full):
+                self._inbox.put(item, timeout=0.2)
+                return
 
     def _keepalive(self) -> None:
         """§4 Timeouts: ping after `idle_ping_s` without sending; give up if pings go unanswered."""
@@ -553,6 +889,25 @@ class Session:
             wait = max(0.01, min(wakes) - time.monotonic())
 
 
+JOIN_WORDS = {
+    "name_taken": "the name {name} is taken",
+    "name_reserved": "{name}'s name is reserved for another key",
+    "bad_identity": "the server did not accept our identity proof: {message}",
+    "not_allowed": "this server admits listed identities only, and ours is not listed",
+    "banned": "you are banned from this server: {message}",
+}
+
+
+def join_refusal(err: Error, name: str) -> JoinRefused:
+    """The error answering `join`, as one sentence (§4, §5: the codes stay out of sight)."""
+    words = JOIN_WORDS.get(err.code, "the server refused to let us join: {message}")
+    text = words.format(name=sanitize(name), message=sanitize(err.message))
+    if err.code == "invalid_name":
+        text = f"the server refused the name {sanitize(name)}: {sanitize(err.message)}"
+    kind = NameRefused if err.code in ("invalid_name", "name_taken", "name_reserved") else None
+    return (kind or JoinRefused)(err.code, text)
+
+
 def _read_frame(
     sock: socket.socket, decoder: FrameDecoder, note: Callable[[], str] | None
 ) -> bytes:
@@ -571,88 +926,169 @@ def _read_frame(
         except OSError as exc:
             raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from None
         if not data:
-            raise ConnectionLost("the server closed the connection" + (note() if note else ""))
+            raise ConnectionLost(note() if note else "the server closed the connection")
         decoder.feed(data)
 
 
-# --- the terminal ---
+# --- commands ---
 
 
-class LineEditor:
-    """readline (editing, history) where it loads; plain `input()` where not.
+@dataclass(frozen=True)
+class Command:
+    """One slash command: what it takes, what /help says, who may use it."""
 
-    Without readline the partly typed line lives in the kernel's tty buffer: it is
-    still sent whole, but after a message arrives only the prompt is redrawn.
-    """
-
-    def __init__(self, output: Output):
-        self.prompt = PROMPT
-        self.rl: Any = None
-        self._redraw: Any = None
-        self._point: Any = None
-        try:
-            import readline
-
-            self.rl = readline
-            readline.set_pre_input_hook(lambda: output.set_prompting(True))
-            import ctypes  # rl_forced_update_display and rl_point are not in the module
-
-            lib = ctypes.CDLL(readline.__file__)
-            self._redraw = lib.rl_forced_update_display
-            self._point = ctypes.c_int.in_dll(lib, "rl_point")
-        except (ImportError, OSError, AttributeError, ValueError):
-            pass
-        self._output = output
-
-    def read(self, prompt: str = PROMPT) -> str:
-        """One line; with readline, `show` may redraw it while it is being typed."""
-        self.prompt = prompt
-        if not self.rl:
-            self._output.set_prompting(True)
-        try:
-            return input(prompt)
-        finally:
-            self._output.set_prompting(False)
-
-    def erase(self, out: Any) -> None:
-        """Move to the start of the prompt line(s) and clear below."""
-        buf = self.rl.get_line_buffer() if self.rl else ""
-        point = len(buf)
-        if self._point is not None:
-            point = len(buf.encode()[: self._point.value].decode("utf-8", "ignore"))
-        rows = (len(self.prompt) + point) // max(1, shutil.get_terminal_size().columns)
-        out.write((f"\x1b[{rows}A" if rows else "") + "\r\x1b[J")
-
-    def restore(self, out: Any) -> None:
-        """Redraw the prompt and the partly typed line, cursor where it was."""
-        if self._redraw is not None:
-            out.flush()
-            self._redraw()
-        else:
-            out.write(self.prompt + (self.rl.get_line_buffer() if self.rl else ""))
+    usage: str
+    help: str
+    op: bool = False
 
 
-class Output:
-    """All terminal output: one lock, one function (`show`) that keeps the input line intact."""
+COMMANDS: dict[str, Command] = {
+    "msg": Command("/msg NAME TEXT", "a direct message to NAME only (also /dm, /query)"),
+    "who": Command("/who", "who is here (also /names)"),
+    "bell": Command("/bell off|mentions|all", "when the terminal bell rings"),
+    "clear": Command("/clear", "clear the screen"),
+    "help": Command("/help", "this list"),
+    "quit": Command("/quit", "leave (also /q, exit, Ctrl-D)"),
+}
+ALIASES = {"dm": "msg", "query": "msg", "names": "who", "q": "quit", "exit": "quit", "?": "help"}
+NAME_FIRST = frozenset({"msg"})  # commands whose first word is a user's name (Tab completes)
 
-    def __init__(self, interactive: bool):
-        self.interactive = interactive
-        self.editor: LineEditor | None = None
-        self.on_closed: Callable[[], None] = lambda: None  # stdout gone: the UI leaves
-        self._lock = threading.Lock()  # guards the terminal and `_prompting`
-        self._prompting = False
 
-    def stdout_closed(self) -> None:
-        """Standard output is gone (`| head` exited): point it at /dev/null, then leave."""
-        with self._lock, contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        self.on_closed()
+def help_rows(op: bool) -> list[str]:
+    """/help: the commands (operator commands only for operators), then the keys."""
+    rows = ["commands (in upper or lower case):", f"  {'TEXT':<24}say TEXT to everyone"]
+    rows.append(f"  {'@NAME in TEXT':<24}mention NAME (highlighted for them; still public)")
+    for cmd in COMMANDS.values():
+        if not cmd.op or op:
+            rows.append(f"  {cmd.usage:<24}{cmd.help}")
+    rows.append(f"  {'//TEXT':<24}say TEXT that starts with a slash")
+    rows.append("keys: Tab completes names and commands; Up/Down recall earlier lines;")
+    rows.append("      Ctrl-C clears the line, or leaves on an empty one; Ctrl-D leaves;")
+    rows.append("      Ctrl-L redraws the screen")
+    return rows
+
+
+def parse_line(line: str) -> tuple[Any, ...]:
+    """What a typed line means: ("say", text), ("dm", to, text), ("who",), ("help",),
+    ("quit",), ("clear",), ("bell", mode), ("hint", why) or ("skip",)."""
+    stripped = line.strip()
+    if not stripped:
+        return ("skip",)
+    if stripped.lower() == "exit":
+        return ("quit",)
+    if line.startswith("//"):
+        return ("say", line[1:])
+    if not line.startswith("/"):
+        return ("say", line)
+    word, _, rest = stripped.partition(" ")
+    name = word[1:].lower()
+    name = ALIASES.get(name, name)
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        shown = sanitize(word)
+        return ("hint", f"unknown command {shown}: /help lists the commands (//TEXT sends text)")
+    rest = rest.strip()
+    if name == "msg":
+        to, _, text = rest.partition(" ")
+        if not to or not text.strip():
+            return ("hint", f"usage: {cmd.usage}")
+        return ("dm", to, text.lstrip(" "))
+    if name == "bell":
+        if rest.lower() not in BELL_MODES:
+            return ("hint", f"usage: {cmd.usage}")
+        return ("bell", rest.lower())
+    if rest and name in ("who", "help", "quit", "clear"):
+        return ("hint", f"usage: {cmd.usage} (it takes nothing after it)")
+    return (name,)
+
+
+# --- input and output ---
+
+
+class Woken(Exception):
+    """`read_line` was interrupted by `wake(reason)`: "end" (the chat is over), "leave"
+    (a signal asks to leave now), "stdout" (standard output is gone) or "eof"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Waker:
+    """A self-pipe that `read_line`'s select() also watches, so any thread (or a signal
+    handler: it takes no lock) can interrupt a blocking read."""
+
+    def __init__(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._reason: str | None = None
+
+    def wake(self, reason: str) -> None:
+        self._reason = self._reason or reason
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"!")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+
+    def close_waker(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Pipe(_Waker):
+    """Pipe mode: input lines from a file descriptor; messages to stdout, status to stderr."""
+
+    interactive = False
+
+    def __init__(self, fd: int, out: TextIO, err: TextIO):
+        super().__init__()
+        self.fd, self.out, self.err = fd, out, err
+        self._lock = threading.Lock()  # guards the two streams
+        self._buf = b""
+        self._eof = False
+
+    def __enter__(self) -> Pipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_waker()
+
+    def show(self, line: Line) -> None:
+        with self._lock:
+            stream = self.err if line.status else self.out
+            try:
+                stream.write(line.text + "\n")
+                stream.flush()
+            except BrokenPipeError:  # stdout closed (`| head`): leave, exit cleanly
+                self._stdout_gone()
+            except (OSError, ValueError):
+                pass  # a broken stream must not take the session down
+
+    def read_line(self, prompt: str = "", completer: Any = None) -> str | None:
+        """The next input line without its end; None at end of input."""
+        while b"\n" not in self._buf and not self._eof:
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                self._drain_wake()
+                if self._reason:
+                    raise Woken(self._reason)
+            if self.fd in ready:
+                data = os.read(self.fd, 65536)
+                self._buf += data
+                self._eof = not data
+        if not self._buf:
+            return None
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode("utf-8", "surrogateescape").removesuffix("\r")
 
     def watch_stdout(self) -> None:
         """Notice a closed pipe at once, even when nothing more is to be written (poll's
         POLLERR on a pipe whose reader is gone; POLLHUP on a socket)."""
         try:
-            mode = os.fstat(sys.stdout.fileno()).st_mode
+            mode = os.fstat(self.out.fileno()).st_mode
         except (OSError, ValueError):
             return
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
@@ -660,223 +1096,798 @@ class Output:
 
         def watch() -> None:
             poller = select.poll()
-            poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+            poller.register(self.out.fileno(), select.POLLERR | select.POLLHUP)
             with contextlib.suppress(OSError, ValueError):
                 if poller.poll():
-                    self.stdout_closed()
+                    with self._lock:
+                        self._stdout_gone()
 
         threading.Thread(target=watch, name="bcast-stdout-watch", daemon=True).start()
 
-    def set_prompting(self, value: bool) -> None:
-        with self._lock:
-            self._prompting = value
+    def _stdout_gone(self) -> None:
+        """Point stdout at /dev/null (so exiting prints no EPIPE noise), then leave."""
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+        self.wake("stdout")
 
-    def show(self, line: str, status: bool = False) -> None:
-        """Print one line above the input line; pipes get status lines on stderr."""
-        closed = False
+
+# Keys of a raw terminal: a typed character is itself, other keys have names.
+CONTROL_KEYS = {
+    "\r": "enter",
+    "\n": "enter",
+    "\x7f": "backspace",
+    "\x08": "backspace",
+    "\t": "tab",
+    "\x01": "home",
+    "\x05": "end",
+    "\x02": "left",
+    "\x06": "right",
+    "\x10": "up",
+    "\x0e": "down",
+    "\x03": "ctrl-c",
+    "\x04": "ctrl-d",
+    "\x15": "kill-start",
+    "\x0b": "kill-end",
+    "\x17": "kill-word",
+    "\x0c": "redraw",
+}
+CSI_KEYS = {
+    "A": "up",
+    "B": "down",
+    "C": "right",
+    "D": "left",
+    "H": "home",
+    "F": "end",
+    "1~": "home",
+    "7~": "home",
+    "4~": "end",
+    "8~": "end",
+    "3~": "delete",
+    "1;5C": "word-right",
+    "1;3C": "word-right",
+    "1;5D": "word-left",
+    "1;3D": "word-left",
+}
+SS3_KEYS = {"A": "up", "B": "down", "C": "right", "D": "left", "H": "home", "F": "end"}
+ALT_KEYS = {"b": "word-left", "f": "word-right", "\x7f": "kill-word"}
+_CSI = re.compile(r"\x1b\[([0-?]*[ -/]*)([@-~])")
+_CSI_PARTIAL = re.compile(r"\x1b\[[0-?]*[ -/]*")
+
+
+class KeyDecoder:
+    """Bytes typed on a raw terminal to keys: characters, or names for the other keys."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._text = ""
+
+    @property
+    def pending(self) -> bool:
+        """An escape sequence may be incomplete: wait a little for the rest."""
+        return bool(self._text)
+
+    def feed(self, data: bytes) -> list[str]:
+        self._text += self._utf8.decode(data)
+        return self._parse(final=False)
+
+    def flush(self) -> list[str]:
+        return self._parse(final=True)
+
+    def _parse(self, final: bool) -> list[str]:
+        keys, text, i = [], self._text, 0
+        while i < len(text):
+            ch = text[i]
+            if ch != "\x1b":
+                keys.append(CONTROL_KEYS.get(ch, ch))
+                i += 1
+                continue
+            key, end = self._escape(text, i)
+            if key is None:  # incomplete: wait for more, unless nothing more is coming
+                if not final:
+                    break
+                key, end = "esc", i + 1
+            keys.append(key)
+            i = end
+        self._text = text[i:]
+        return keys
+
+    @staticmethod
+    def _escape(text: str, i: int) -> tuple[str | None, int]:
+        if i + 1 >= len(text):
+            return None, i
+        nxt = text[i + 1]
+        if nxt == "[":
+            m = _CSI.match(text, i)
+            if m:
+                return CSI_KEYS.get(m.group(1) + m.group(2), "unknown"), m.end()
+            if _CSI_PARTIAL.fullmatch(text, i):
+                return None, i
+            return "esc", i + 1
+        if nxt == "O":
+            if i + 2 >= len(text):
+                return None, i
+            return SS3_KEYS.get(text[i + 2], "unknown"), i + 3
+        return ALT_KEYS.get(nxt, "unknown"), i + 2
+
+
+Completer = Callable[[str], tuple[str, list[str]]]
+_LEAVE = object()  # what a key returns to end read_line with None
+
+
+def _shown(ch: str) -> str:
+    """How the editor draws a character of the input line (controls escaped)."""
+    return sanitize(ch) if ch in _INVISIBLE or unicodedata.category(ch) in ("Cs", "Zl") else ch
+
+
+class Console(_Waker):
+    """The terminal: a raw-mode line editor that owns the input line, and `show`, which
+    prints above it. Every write to the terminal happens under `_lock`, with the input
+    area erased first and drawn again after, so nothing can land on the prompt.
+
+    Positions are counted in display columns (`char_width`), as the terminal wraps.
+    """
+
+    interactive = True
+
+    def __init__(self, fd: int, out: TextIO):
+        super().__init__()
+        self.fd, self.out = fd, out
+        self._lock = threading.Lock()  # guards the screen and every field below
+        self._prompt = PROMPT
+        self._buf: list[str] = []
+        self._pos = 0
+        self._active = False  # a line is being edited: show() draws it again after printing
+        self._drawn = False  # the prompt and the line are on the screen
+        self._cursor_row = 0  # rows from the top of the input area down to the cursor
+        self._end = (0, 0)  # (row, column) just after the input area, once drawn
+        self._completer: Completer | None = None
+        self._tabbed = False  # the last key was Tab (a second Tab lists the candidates)
+        self._history: list[str] = []
+        self._recall = 0  # index into _history while Up/Down browse it
+        self._draft = ""  # the line being typed before Up was pressed
+        self._keys = KeyDecoder()
+        self._typed: deque[str] = deque()  # keys read but not handled yet (after Enter)
+        self._resized = False
+        self._saved: Any = None
+        self._old_winch: Any = None
+
+    # -- the terminal mode --
+
+    def __enter__(self) -> Console:
+        import termios
+
+        self._saved = termios.tcgetattr(self.fd)
+        raw = termios.tcgetattr(self.fd)
+        raw[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)
+        raw[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, raw)  # output processing stays on
+        if threading.current_thread() is threading.main_thread():
+            self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import termios
+
+        self.finish(keep=True)
+        if self._old_winch is not None:
+            signal.signal(signal.SIGWINCH, self._old_winch)
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+        self.close_waker()
+
+    def _on_winch(self, signum: int, frame: Any) -> None:
+        self._resized = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"!")
+
+    # -- output --
+
+    def show(self, line: Line) -> None:
+        """Print `line` (wrapped to the width) above the input line, which stays as it was."""
         with self._lock:
-            stream = sys.stderr if status and not self.interactive else sys.stdout
+            cols = self._cols()
+            text = "\n".join(wrap(line.text, cols, line.indent))
+            self._erase()
+            self._write(text + "\n" + ("\a" if line.bell else ""))
+            if self._active:
+                self._draw()
+            self._flush()
+
+    def clear(self) -> None:
+        """Clear the screen; the input line is drawn again at the top."""
+        with self._lock:
+            self._write("\x1b[H\x1b[2J")
+            self._drawn = False
+            if self._active:
+                self._draw()
+            self._flush()
+
+    def put_back(self, text: str) -> None:
+        """Make `text` the line being typed again (a line that could not be sent)."""
+        with self._lock:
+            self._erase()
+            self._buf, self._pos = list(text), len(text)
+            if self._active:
+                self._draw()
+            self._flush()
+
+    def set_prompt(self, prompt: str) -> None:
+        with self._lock:
+            self._erase()
+            self._prompt = prompt
+            if self._active:
+                self._draw()
+            self._flush()
+
+    def finish(self, keep: bool) -> None:
+        """Stop editing: leave the line on the screen (`keep`) with the cursor below it,
+        or erase it."""
+        with self._lock:
+            if self._drawn and keep:
+                down = self._end[0] - self._cursor_row
+                self._write((f"\x1b[{down}B" if down else "") + ("\r\n" if self._end[1] else "\r"))
+                self._drawn = False
+            self._erase()
+            self._active = False
+            self._flush()
+
+    def _cols(self) -> int:
+        try:
+            return max(8, os.get_terminal_size(self.out.fileno()).columns)
+        except (OSError, ValueError):
+            return 80
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.out.write(text)
+
+    def _flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.out.flush()
+
+    def _erase(self) -> None:
+        """Remove the input area from the screen; the cursor ends where it began."""
+        if self._drawn:
+            up = self._cursor_row
+            self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J")
+            self._drawn = False
+
+    def _draw(self) -> None:
+        """Draw the prompt and the line, counting columns as the terminal wraps them, and put
+        the cursor where it belongs."""
+        cols = self._cols()
+        row = col = 0
+        for ch in self._prompt:
+            row, col = advance(row, col, char_width(ch), cols)
+        parts, cursor = [self._prompt], (row, col)
+        for i, ch in enumerate(self._buf):
+            shown = _shown(ch)
+            if i == self._pos:
+                cursor = (row, col)
+            parts.append(shown)
+            for c in shown:
+                row, col = advance(row, col, char_width(c), cols)
+        if self._pos >= len(self._buf):
+            cursor = (row, col)
+        if col == cols:  # the wrap is pending: a space makes the terminal take it
+            parts.append(" \r")
+            row, col = row + 1, 0
+        cursor = self._cursor_at(cursor, cols)
+        up = row - cursor[0]
+        parts.append((f"\x1b[{up}A" if up else "") + "\r")
+        if cursor[1]:
+            parts.append(f"\x1b[{cursor[1]}C")
+        self._write("".join(parts))
+        self._drawn, self._cursor_row, self._end = True, cursor[0], (row, col)
+
+    def _cursor_at(self, at: tuple[int, int], cols: int) -> tuple[int, int]:
+        """The cursor's cell: at the start of the next row when the row is full or the
+        character under the cursor will not fit on it (a wide one in the last column)."""
+        row, col = at
+        nxt = char_width(self._buf[self._pos]) if self._pos < len(self._buf) else 1
+        if col == cols or col + nxt > cols:
+            return row + 1, 0
+        return row, col
+
+    # -- input --
+
+    def read_line(self, prompt: str = PROMPT, completer: Completer | None = None) -> str | None:
+        """One line as typed (Enter); None to leave (Ctrl-D, or Ctrl-C on an empty line).
+
+        Raises Woken when another thread or a signal interrupts it.
+        """
+        with self._lock:
+            self._prompt, self._completer, self._active = prompt, completer, True
+            if not self._drawn:
+                self._draw()
+            self._flush()
+        while True:
+            while not self._typed:
+                self._typed.extend(self._next_keys())
+            key = self._typed.popleft()
+            with self._lock:
+                done = self._on_key(key)
+                self._flush()
+            if done is _LEAVE:
+                return None
+            if done is not None:
+                return done
+
+    def _next_keys(self) -> list[str]:
+        wait = ESC_WAIT_S if self._keys.pending else None
+        ready, _, _ = select.select([self.fd, self._wake_r], [], [], wait)
+        if not ready:
+            return self._keys.flush()
+        if self._wake_r in ready:
+            self._drain_wake()
+            if self._resized:
+                self._resized = False
+                with self._lock:
+                    self._erase()
+                    self._draw()
+                    self._flush()
+            if self._reason:
+                raise Woken(self._reason)
+        if self.fd in ready:
             try:
-                if self._prompting and self.editor:
-                    self.editor.erase(stream)
-                    stream.write(line + "\n")
-                    self.editor.restore(stream)
-                else:
-                    stream.write(line + "\n")
-                stream.flush()
-            except BrokenPipeError:  # stdout closed (`| head`): leave, exit cleanly
-                closed = True
-            except (OSError, ValueError):
-                pass  # a broken terminal must not take the session down
-        if closed:
-            threading.Thread(target=self.stdout_closed, daemon=True).start()
+                data = os.read(self.fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                raise Woken("eof")
+            return self._keys.feed(data)
+        return []
+
+    def _on_key(self, key: str) -> Any:
+        """Apply one key under the lock; the finished line, _LEAVE, or None to go on."""
+        tabbed, self._tabbed = self._tabbed, key == "tab"
+        if len(key) == 1:
+            if unicodedata.category(key) != "Cc":
+                self._buf.insert(self._pos, key)
+                self._pos += 1
+        elif key == "enter":
+            return self._submit()
+        elif key in ("ctrl-c", "ctrl-d") and not self._buf:
+            return _LEAVE
+        elif key == "ctrl-c":  # like a shell: drop the draft
+            self._buf, self._pos = [], 0
+        elif key == "tab":
+            self._complete(list_all=tabbed)
+        elif key == "redraw":
+            self._write("\x1b[H\x1b[2J")
+            self._drawn = False
+        else:
+            self._edit(key)
+        self._erase()
+        self._draw()
+        return None
+
+    def _edit(self, key: str) -> None:
+        buf, pos = self._buf, self._pos
+        if key == "backspace" and pos:
+            del buf[pos - 1]
+            pos -= 1
+        elif key in ("delete", "ctrl-d") and pos < len(buf):
+            del buf[pos]
+        elif key == "left":
+            pos = max(0, pos - 1)
+        elif key == "right":
+            pos = min(len(buf), pos + 1)
+        elif key == "home":
+            pos = 0
+        elif key == "end":
+            pos = len(buf)
+        elif key in ("word-left", "kill-word"):
+            start = pos
+            while start and buf[start - 1] == " ":
+                start -= 1
+            while start and buf[start - 1] != " ":
+                start -= 1
+            if key == "kill-word":
+                del buf[start:pos]
+            pos = start
+        elif key == "word-right":
+            while pos < len(buf) and buf[pos] == " ":
+                pos += 1
+            while pos < len(buf) and buf[pos] != " ":
+                pos += 1
+        elif key == "kill-start":
+            del buf[:pos]
+            pos = 0
+        elif key == "kill-end":
+            del buf[pos:]
+        elif key in ("up", "down"):
+            self._browse(-1 if key == "up" else 1)
+            return
+        self._pos = pos
+
+    def _browse(self, step: int) -> None:
+        """Up and Down: earlier lines; past the newest, the line that was being typed."""
+        at = self._recall + step
+        if not 0 <= at <= len(self._history):
+            return
+        if self._recall == len(self._history):
+            self._draft = "".join(self._buf)
+        self._recall = at
+        text = self._history[at] if at < len(self._history) else self._draft
+        self._buf, self._pos = list(text), len(text)
+
+    def _submit(self) -> str:
+        line = "".join(self._buf)
+        self._erase()
+        self._buf, self._pos = [], 0
+        if line.strip() and (not self._history or self._history[-1] != line):
+            self._history = [*self._history, line][-HISTORY_LINES:]
+        self._recall = len(self._history)
+        return line
+
+    def _complete(self, list_all: bool) -> None:
+        """Tab: complete the word before the cursor; a second Tab lists the candidates."""
+        if self._completer is None:
+            return
+        before = "".join(self._buf[: self._pos])
+        done, candidates = self._completer(before)
+        if done != before:
+            self._buf[: self._pos] = list(done)
+            self._pos = len(done)
+        elif candidates and list_all:
+            self._erase()
+            cols = self._cols()
+            listed = "  ".join(sanitize(c) for c in candidates)
+            self._write("\n".join(wrap(listed, cols, 0)) + "\n")
 
 
-# --- commands ---
-
-HELP = """commands:
-  TEXT               send TEXT to everyone
-  /msg NAME TEXT     send TEXT to NAME only (also: @NAME TEXT)
-  /who               list who is here
-  /help              this list
-  exit, /quit        leave (also Ctrl-D, Ctrl-C)
-  //TEXT             send TEXT that starts with a slash"""
+# --- the chat ---
 
 
-def parse_line(line: str) -> tuple[str, ...]:
-    """What a typed line means: ("say", text), ("dm", to, text), ("who",), ("help",),
-    ("quit",), ("hint", why) or ("skip",)."""
-    word, _, rest = line.strip().partition(" ")
-    if not line.strip():
-        return ("skip",)
-    if line.strip() in ("exit", "/quit", "/exit"):
-        return ("quit",)
-    if line.startswith("//"):
-        return ("say", line[1:])
-    if word in ("/msg", "/dm") or (word.startswith("@") and not line.startswith("@ ")):
-        to, _, text = (rest if word in ("/msg", "/dm") else line.strip()[1:]).partition(" ")
-        if not to or not text.strip():
-            return ("hint", "usage: /msg NAME TEXT (or @NAME TEXT)")
-        return ("dm", to, text)
-    if word == "/who":
-        return ("who",)
-    if word in ("/help", "/?"):
-        return ("help",)
-    if word.startswith("/"):
-        return ("hint", f"unknown command {word}: /help lists the commands; //TEXT sends TEXT")
-    return ("say", line)
+class Outbox:
+    """Lines waiting to be sent, in order, bounded: a pipe waits for room, a person is told."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: deque[ClientMessage] = deque()
+        self._cond = threading.Condition()  # guards _items, _busy and _closed
+        self._busy = 0  # taken by the sender, not sent yet
+        self._closed = False
+
+    def put(self, msg: ClientMessage, block: bool) -> bool:
+        with self._cond:
+            while block and len(self._items) >= self.limit and not self._closed:
+                self._cond.wait()
+            if len(self._items) >= self.limit or self._closed:
+                return False
+            self._items.append(msg)
+            self._cond.notify_all()
+            return True
+
+    def get(self) -> ClientMessage | None:
+        """The next message to send (then `done`); None once closed and empty."""
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if not self._items:
+                return None
+            self._busy += 1
+            self._cond.notify_all()
+            return self._items.popleft()
+
+    def done(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None, give_up: Callable[[], bool]) -> bool:
+        """Wait until everything was sent (True), `timeout` passed or `give_up()` (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._items or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if give_up() or (left is not None and left <= 0):
+                    return False
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+            return True
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items) + self._busy
 
 
-class Interrupted(Exception):
-    """Raised by our SIGINT handler in the main thread while it waits for input."""
+class Chat:
+    """The conversation: shows what arrives, sends what is typed, knows who is here."""
 
-
-class ChatUI:
-    """Reads lines and sends them; a display thread shows what arrives."""
-
-    def __init__(self, session: Session, output: Output, style: Style, editor: Any):
-        self.session = session
-        self.out = output
+    def __init__(self, io: Console | Pipe, style: Style, session: Session, bell: str):
+        assert session.welcome is not None
+        self.io = io
         self.style = style
-        self.read: Callable[[], str] = editor
-        self.lost: ConnectionLost | None = None
-        self.lines = 0  # non-empty lines read (pipe mode counts what was not delivered)
-        self.undelivered = 0  # refused here, or answered by an error (display thread)
-        self._lock = threading.Lock()  # guards `lost` and `_leaving` (main vs display thread)
-        self._leaving = False  # set once main leaves or ends: no more wake-ups
-        self._waiting = False  # main thread blocked in read(); only main touches it
-        self._interrupted = False
-        self._display = threading.Thread(target=self._show_loop, name="bcast-display", daemon=True)
+        self.session = session
+        self.welcome = session.welcome
+        self.bell = bell
+        self.outbox = Outbox(OUTBOX_LINES)
+        self._pacer = Pacer(self.welcome.rate)  # the sender's alone
+        self._lock = threading.Lock()  # guards _users, lines and undelivered
+        self._users = {name_key(n): n for n in self.welcome.users}
+        self.lines = 0  # non-empty lines read (pipe mode reports what was not delivered)
+        self.undelivered = 0  # refused here, or answered by an error
+        self._leaving = False  # set before `leave` is sent: the end that follows is normal
+        self._end: ClientError | None = None  # why the chat ended, if not by leaving
+        self._ended = threading.Event()
+        self._day = _day_of(None)  # the date of the last timed line (the date rule)
+        style.me = self.welcome.name
+        self._network = threading.Thread(target=self._network_loop, name="bcast-network")
+        self._sender = threading.Thread(target=self._send_loop, name="bcast-sender")
+        self._network.daemon = self._sender.daemon = True
+
+    # -- the main thread --
 
     def run(self) -> int:
-        welcome = self.session.welcome
-        assert welcome is not None
-        self.max_text = welcome.max_text
-        others = ", ".join(self.style.name(n) for n in welcome.users) or "nobody else yet"
-        self.status(f"joined as {self.style.name(welcome.name)}; here: {others}")
-        if self.out.interactive:
+        """Chat until the user leaves (0), the input ends (pipe: 0, or 1 if a line was not
+        delivered) or the connection is lost (ClientError)."""
+        others = ", ".join(self.style.name(n) for n in self.welcome.users) or "nobody else yet"
+        self.status(f"joined as {self.style.name(self.welcome.name)}; here: {others}")
+        if self.io.interactive:
             self.status("type /help for commands, exit to leave")
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            self.out.on_closed = lambda: self._wake_main(None)
-            if not self.out.interactive:
-                self.out.watch_stdout()
-            self.session.start()
-            self._display.start()
-            while not self._interrupted and self.lost is None:
-                try:
-                    self._waiting = True
-                    if self._interrupted:
-                        raise Interrupted
-                    line = self.read()
-                except (EOFError, Interrupted):
-                    if self.out.interactive:
-                        self.out.show("")  # end the prompt line that Ctrl-D or Ctrl-C left
-                    break
-                finally:
-                    self._waiting = False
-                if not line and not self.out.interactive:
-                    break  # end of piped input
-                try:
-                    if not self.handle(line.rstrip("\r\n")):
-                        break
-                except ConnectionLost as exc:  # a failed send: prefer the reader's reason
-                    self.session.wait_closed(BYE_WAIT_S)
-                    raise self.session.end or exc from None
-            with self._lock:
-                self._leaving = True
-            if self.lost is not None:
-                raise self.lost
-            self.session.leave()
-            self._display.join(BYE_WAIT_S)  # every error comes before the server's bye
-            if self.out.interactive:
-                self.status("left")
-            elif min(self.undelivered, self.lines):  # errors answer lines: a stray one is not
-                failed = min(self.undelivered, self.lines)
-                raise ClientError(f"{failed} of {self.lines} lines were not delivered")
-            return EXIT_OK
-        finally:
-            with self._lock:
-                self._leaving = True
-            self.session.close()
-            signal.signal(signal.SIGINT, previous)
+        else:
+            self.io.watch_stdout()
+        self.session.start()
+        self._network.start()
+        self._sender.start()
+        with _signals_leave(self.io):
+            return self._input_loop()
 
-    def _wake_main(self, exc: ConnectionLost | None) -> None:
-        """Interrupt the main thread's input() (readline then restores the terminal): to end
-        with `exc`, or (None) to leave because standard output is gone.
-
-        Repeated until main leaves: a signal landing just before input() blocks is missed.
-        """
-        main_id = threading.main_thread().ident or 0
-        while True:
-            with self._lock:
-                if self._leaving:
-                    return
-                self.lost = self.lost or exc
-                signal.pthread_kill(main_id, signal.SIGINT)
-            time.sleep(0.5)
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self._interrupted = True
-        if self._waiting:
-            raise Interrupted
-
-    def status(self, text: str) -> None:
-        self.out.show(self.style.paint(f"* {text}", "2"), status=True)
-
-    def handle(self, line: str) -> bool:
-        """Act on one line; False when it asks to leave."""
-        cmd = parse_line(line)
-        kind = cmd[0]
-        if kind == "quit":
-            return False
-        if kind != "skip":
-            self.lines += 1
-        if kind == "hint":
-            self.undelivered += 1
-            self.status(cmd[1])
-        elif kind == "help":
-            for row in HELP.splitlines():
-                self.out.show(row, status=True)
-        elif kind == "who":
-            self.session.send(Who())
-        elif kind in ("say", "dm"):
-            text = cmd[-1]
-            size = utf8_size(text)
-            problem = text_problem(text)
-            if size > self.max_text or problem:
-                self.undelivered += 1
-            if size > self.max_text:
-                self.status(
-                    f"not sent: {size} bytes, the server takes at most {self.max_text}; "
-                    "split the line"
-                )
-            elif problem:
-                self.status(f"not sent: {problem}")
-            else:
-                self.session.send(Say(text) if kind == "say" else Dm(cmd[1], text))
-        return True
-
-    def _show_loop(self) -> None:
+    def _input_loop(self) -> int:
+        now = False  # leave without sending what still waits (a signal, stdout gone)
         while True:
             try:
-                msg = self.session.recv()
-            except ConnectionLost as exc:
-                self._wake_main(exc)
-                return
-            if isinstance(msg, Error):
+                line = self.io.read_line(PROMPT, self.complete)
+            except Woken as woken:
+                if woken.reason == "end":
+                    break
+                line, now = None, True
+            if line is None or not self.handle(line):
+                break
+        return self._finish(now)
+
+    def _finish(self, now: bool) -> int:
+        self.outbox.close()
+        if self._end is None and not now:
+            wait = None if not self.io.interactive else DRAIN_WAIT_S
+            self.outbox.drain(wait, give_up=self._ended.is_set)
+        self._leaving = True
+        if self._end is not None:
+            self._close_input(keep=True)
+            raise self._end
+        self.session.leave()
+        self._network.join(BYE_WAIT_S)  # every error comes before the server's bye
+        self._close_input(keep=False)
+        failed = min(self.undelivered, self.lines)  # errors answer lines: a stray one is not
+        if self.io.interactive:
+            self.status("left")
+        elif failed:
+            raise ClientError(f"{failed} of {self.lines} lines were not delivered")
+        return EXIT_OK
+
+    def _close_input(self, keep: bool) -> None:
+        if isinstance(self.io, Console):
+            self.io.finish(keep)
+
+    def handle(self, line: str) -> bool:
+        """Act on one typed line; False when it asks to leave."""
+        cmd = parse_line(line)
+        kind = cmd[0]
+        if kind == "skip":
+            return True
+        with self._lock:
+            self.lines += 1
+        if kind == "quit":
+            return False
+        if kind == "hint":
+            self._refuse(cmd[1])
+        elif kind == "help":
+            for row in help_rows(getattr(self.welcome, "op", False)):
+                self.io.show(Line(row, 26, status=True))
+        elif kind == "clear":
+            if isinstance(self.io, Console):
+                self.io.clear()
+        elif kind == "bell":
+            self.bell = cmd[1]
+            self.status(f"the bell rings for {BELL_WORDS[self.bell]}")
+        elif kind == "who":
+            self._queue(Who(), line)
+        elif kind in ("say", "dm"):
+            self._say(Say(cmd[1]) if kind == "say" else Dm(cmd[1], cmd[2]), line)
+        return True
+
+    def _say(self, msg: Say | Dm, line: str) -> None:
+        size = utf8_size(msg.text)
+        problem = text_problem(msg.text)
+        if size > self.welcome.max_text:
+            limit = self.welcome.max_text
+            self._refuse(f"not sent: {size} bytes, the server takes at most {limit}", line)
+        elif problem:
+            self._refuse(f"not sent: the {problem}", line)
+        elif self._queue(msg, line) and self.io.interactive:
+            self._show(self.style.own(msg))
+
+    def _queue(self, msg: ClientMessage, line: str) -> bool:
+        if self.outbox.put(msg, block=not self.io.interactive):
+            return True
+        self._refuse(f"not sent: {len(self.outbox)} lines are still waiting to go out", line)
+        return False
+
+    def _refuse(self, why: str, line: str | None = None) -> None:
+        """A line that was not sent: say why; on a terminal, give a text `line` back to edit
+        (a refused command is not: it is short, and its hint says how to type it)."""
+        with self._lock:
+            self.undelivered += 1
+        self.io.show(self.style.problem(why))
+        if isinstance(self.io, Console) and line is not None:
+            self.io.put_back(line)
+
+    def status(self, text: str) -> None:
+        self.io.show(self.style.status(text))
+
+    def complete(self, before: str) -> tuple[str, list[str]]:
+        """Tab: the line before the cursor completed, and the candidates when several fit.
+
+        Names from the user list; at the start of the line a name gets ": " (addressing
+        someone, as in IRC); commands after a leading slash.
+        """
+        start = before.rfind(" ") + 1
+        head, word = before[:start], before[start:]
+        first = head.split(" ", 1)[0].lower().lstrip("/")
+        if start == 0 and word.startswith("/"):
+            names = ["/" + c for c in (*COMMANDS, *ALIASES) if c.startswith(word[1:].lower())]
+            return _completed(head, word, sorted(set(names)), " ")
+        if head.startswith("/") and head.count(" ") == 1 and first == "bell":
+            return _completed(head, word, [m for m in BELL_MODES if m.startswith(word)], "")
+        at = "@" if word.startswith("@") else ""
+        with self._lock:
+            users = sorted(self._users.values(), key=str.casefold)
+        users = [u for u in users if u != self.welcome.name]
+        fits = [at + u for u in users if name_key(u).startswith(name_key(word[len(at) :]))]
+        named = head.startswith("/") and head.count(" ") == 1
+        named = named and ALIASES.get(first, first) in NAME_FIRST
+        suffix = ": " if start == 0 and not at else " "
+        return _completed(head, word, fits, " " if named else suffix)
+
+    # -- the network thread --
+
+    def _network_loop(self) -> None:
+        try:
+            while True:
+                self._on_message(self.session.recv())
+        except ConnectionLost as exc:
+            if not self._leaving:
+                self._end = exc
+                self._ended.set()
+                self.io.wake("end")
+        except BaseException as exc:  # a bug must not leave the user staring at a dead chat
+            self._end = ClientError(f"unexpected error: {type(exc).__name__}: {exc}")
+            self._ended.set()
+            self.io.wake("end")
+
+    def _on_message(self, msg: ServerMessage) -> None:
+        if isinstance(msg, (Joined, Left, Users)):
+            self._track(msg)
+        if isinstance(msg, Error):
+            with self._lock:
                 self.undelivered += 1
-            shown = self.style.format(msg)
-            if shown:
-                self.out.show(*shown)
+        line = self.style.format(msg)
+        if line is None:
+            return
+        if self._rings(msg):
+            line = replace(line, bell=True)
+        self._show(line)
+
+    def _rings(self, msg: ServerMessage) -> bool:
+        """/bell: off; mentions (a message naming me, or a dm); all (every message too)."""
+        if self.bell == "off" or not isinstance(msg, (Message, DirectMessage)):
+            return False
+        return self.bell == "all" or isinstance(msg, DirectMessage) or self.style.mentions(msg.text)
+
+    def _track(self, msg: Joined | Left | Users) -> None:
+        with self._lock:
+            if isinstance(msg, Joined):
+                self._users[name_key(msg.name)] = msg.name
+            elif isinstance(msg, Left):
+                self._users.pop(name_key(msg.name), None)
+            else:
+                self._users = {name_key(n): n for n in msg.names}
+
+    def _show(self, line: Line) -> None:
+        """Show a line, after a date rule when its date is not the last one shown."""
+        if self.io.interactive and line.ts is not None:
+            day = _day_of(line.ts)
+            if day is not None and day != self._day:
+                self._day = day
+                when = clock_time(line.ts)
+                if when is not None:
+                    self.io.show(Line(self.style.paint(day_rule(when), "2")))
+        self.io.show(line)
+
+    # -- the sender thread --
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self.outbox.get()
+            if msg is None:
+                return
+            try:
+                if isinstance(msg, (Say, Dm, Who)):  # §4: each takes a rate token
+                    time.sleep(self._pacer.take())
+                self.session.send(msg)
+            except ConnectionLost:
+                pass  # the reader says why, and the network thread ends the chat
+            finally:
+                self.outbox.done()
+
+
+BELL_WORDS = {
+    "off": "nothing (it is off)",
+    "mentions": "mentions of your name and direct messages",
+    "all": "every message",
+}
+
+
+def _completed(head: str, word: str, fits: list[str], suffix: str) -> tuple[str, list[str]]:
+    """Complete `word` from `fits`: the one fit with `suffix`, else their common start."""
+    if len(fits) == 1:
+        return head + fits[0] + suffix, []
+    if not fits:
+        return head + word, []
+    folded = [f.casefold() for f in fits]
+    common = 0
+    while all(len(f) > common and f[common] == folded[0][common] for f in folded):
+        common += 1
+    if common > len(word):
+        return head + fits[0][:common], fits
+    return head + word, fits
+
+
+def _day_of(ts_ms: int | None) -> tuple[int, int, int] | None:
+    when = clock_time(ts_ms)
+    return None if when is None else (when.tm_year, when.tm_mon, when.tm_mday)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Any:
+    """Before the chat, SIGTERM interrupts like SIGINT, so the terminal mode is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _signals_leave(io: Console | Pipe) -> Any:
+    """SIGINT and SIGTERM ask to leave (politely: `leave`, then exit 0) while chatting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = lambda signum, frame: io.wake("leave")  # noqa: E731 - no lock, just a wake-up
+    old = [signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
 
 
 # --- command line ---
 
-EPILOG = (
-    """\
-exit status: 0 left normally, 1 connection lost or refused, 2 bad usage or server
-fingerprint mismatch.
+EPILOG = """\
+exit status: 0 left normally, 1 connection lost or refused (or, piped, a line not
+delivered), 2 bad usage or server fingerprint mismatch.
 
 The server's fingerprint is pinned per host:port in $XDG_CONFIG_HOME/bcast/known_hosts
 (default ~/.config/bcast/known_hosts) on first use; a changed fingerprint is refused.
@@ -884,19 +1895,26 @@ With stdin or stdout not a terminal the client is a pipe tool: it sends each inp
 line (paced to the server's rate), prints one received message per line on stdout
 and status lines on stderr, and leaves at end of input.
 
-"""
-    + HELP
-)
-
+""" + "\n".join(help_rows(op=False))
 
 # One-shot actions: they do something and exit, so they take no BCAST_ fallback (an
 # exported BCAST_FORGET would forget a pin on every run).
-ACTION_FLAGS = frozenset({"help"})
+ACTION_FLAGS = frozenset({"help", "forget"})
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(environ: Mapping[str, str], var: str) -> bool:
+    """A yes/no environment variable (1/0, true/false, yes/no, on/off)."""
+    value = environ.get(var, "").strip().lower()
+    if value in TRUE_WORDS or value in FALSE_WORDS:
+        return value in TRUE_WORDS
+    raise UsageError(f"{var}={environ[var]!r}: use 1 or 0 (true/false, yes/no, on/off)")
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line; every setting flag falls back to BCAST_<FLAG> in `environ`."""
-    env = (os.environ if environ is None else environ).get
+    environ = os.environ if environ is None else environ
+    env = environ.get
     p = argparse.ArgumentParser(
         prog="client.py",
         description="bcast/1 encrypted group-chat client.",
@@ -919,8 +1937,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--fingerprint",
         default=env("BCAST_FINGERPRINT") or None,
-        help="the server fingerprint SHA256:... to require instead of trusting on first use; "
-        "BCAST_FINGERPRINT",
+        help="the server fingerprint SHA256:... to require (and pin) instead of trusting on "
+        "first use; BCAST_FINGERPRINT",
     )
     p.add_argument(
         "--known-hosts",
@@ -928,51 +1946,92 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         default=env("BCAST_KNOWN_HOSTS") or None,
         help="the pin file; BCAST_KNOWN_HOSTS (default $XDG_CONFIG_HOME/bcast/known_hosts)",
     )
+    p.add_argument(
+        "--no-bell",
+        action="store_true",
+        default=env_flag(environ, "BCAST_NO_BELL"),
+        help="never ring the terminal bell (/bell changes it while chatting); BCAST_NO_BELL=1",
+    )
+    p.add_argument(
+        "--forget",
+        metavar="HOST:PORT",
+        help="remove the pinned fingerprint of HOST:PORT from the pin file, then exit",
+    )
     return p
 
 
-def ask_name(output: Output, editor: LineEditor) -> str | None:
-    """Prompt for a name; None when the user gives up (Ctrl-D, Ctrl-C)."""
-    try:
-        return editor.read("your name: ").strip()
-    except (EOFError, KeyboardInterrupt):
-        output.show("")
-        return None
-
-
-def join(
-    args: argparse.Namespace,
-    port: int,
-    output: Output,
-    editor: LineEditor | None,
-    verify: Callable[[str], None],
-    status: Callable[[str], None],
-) -> Session | None:
-    """Connect with a valid name; interactively, ask again after a refusal (§4 join)."""
-    name: str | None = args.name
+def ask_name(io: Console, status: Callable[[str], None]) -> str | None:
+    """Ask for a name until one passes §4's predicate; None when the user gives up."""
     while True:
-        if name is None:
-            if editor is None:
-                raise UsageError(
-                    "--name (or BCAST_NAME) is required when input or output is not a terminal"
-                )
-            name = ask_name(output, editor)
-            if name is None:
-                return None
-        checked = None if has_lone_surrogate(name) else valid_name(name)
-        if checked is None:
-            if editor is None:
-                raise UsageError(f"{sanitize(name)!r} is not a valid name: {NAME_RULE}")
-            status(f"{sanitize(name)!r} is not a valid name: {NAME_RULE}")
-            name = None
-            continue
         try:
-            return Session.connect(args.host, port, checked, verify)
-        except NameRefused as exc:
-            if editor is None:
-                raise ConnectionLost(f"the server refused the name {checked}: {exc}") from None
-            status(f"the server refused the name {checked}: {exc}; try another")
-            name = None
+            name = io.read_line(NAME_PROMPT)
+        except Woken:
+            return None
+        if name is None:
+            return None
+        name = name.strip()
+        problem = name_check(name)
+        if problem is None:
+            return name
+        status(f"{problem}; try another")
+
+
+def name_check(name: str) -> str | None:
+    """Why `name` cannot be used, as the server would say (§4), or None."""
+    if has_lone_surrogate(name):
+        return "the name holds bytes that are not UTF-8"
+    problem = name_problem(name)
+    return None if problem is None else f"the name {sanitize(name)!r} {problem}"
+
+
+def join_chat(
+    open_session: Callable[[], Session], io: Console | Pipe, name: str | None, style: Style
+) -> Session | None:
+    """Connect first (so a refused connection or a changed key is said before anyone
+    types), then ask for a name if none was given, then join; interactively, ask again
+    after a refused name. None when the user gives up."""
+    session = open_session()
+    try:
+        while True:
+            if name is None:
+                assert isinstance(io, Console)
+                name = ask_name(io, lambda text: io.show(style.problem(text)))
+                if name is None:
+                    session.close()
+                    return None
+            if session.age > JOIN_FRESH_S:  # the server's handshake timeout is near
+                session.close()
+                session = open_session()
+            try:
+                session.join(Join(unicodedata.normalize("NFKC", name)))
+                return session
+            except NameRefused as exc:
+                if not io.interactive:
+                    raise
+                io.show(style.problem(f"{exc}; try another"))
+                name = None
+            except ConnectionLost:
+                if not io.interactive or session.age <= JOIN_FRESH_S:
+                    raise
+                session.close()  # it timed out while the name was typed: once more
+                session = open_session()
+    except BaseException:
+        session.close()
+        raise
+
+
+def forget(known: KnownHosts, target: str) -> int:
+    """--forget HOST:PORT: remove its pins (atomically), say what was removed."""
+    key = parse_host_key(target)
+    try:
+        gone = known.replace(key, None) if known.lookup(key) else []
+    except OSError as exc:
+        raise ClientError(f"cannot rewrite {known.path}: {exc.strerror or exc}") from None
+    if gone:
+        print(f"removed the pin of {key} ({', '.join(gone)}) from {known.path}")
+    else:
+        print(f"no pin for {key} in {known.path}; nothing to remove")
+    return EXIT_OK
 
 
 def run(argv: list[str] | None) -> int:
@@ -980,37 +2039,47 @@ def run(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return int(exc.code or 0)
-    if not str(args.port).isdigit() or not 0 < int(args.port) < 65536:
-        raise UsageError(f"the port must be 1..65535, not {args.port!r}")
-    if args.fingerprint and not FINGERPRINT_RE.match(args.fingerprint):
-        raise UsageError("--fingerprint takes the form SHA256: followed by 43 base64 characters")
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    colour = interactive and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-    output = Output(interactive)
-    editor = LineEditor(output) if interactive else None
-    output.editor = editor
-    style = Style(colour, multiline=interactive)
-
-    def status(text: str) -> None:
-        output.show(style.paint(f"* {text}", "2"), status=True)
-
     if args.known_hosts is not None and not args.known_hosts.parent.is_dir():
         raise UsageError(
             f"the folder of the pin file {args.known_hosts} does not exist "
             f"({args.known_hosts.parent}); create it or give another --known-hosts"
         )
     known = KnownHosts(args.known_hosts or default_known_hosts(), args.known_hosts is None)
+    if args.forget is not None:
+        return forget(known, args.forget)
+    if not str(args.port).isdigit() or not 0 < int(args.port) < 65536:
+        raise UsageError(f"the port must be 1..65535, not {args.port!r}")
+    if args.fingerprint and not FINGERPRINT_RE.match(args.fingerprint):
+        raise UsageError("--fingerprint takes the form SHA256: followed by 43 base64 characters")
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.name is not None and (problem := name_check(args.name)):
+        raise UsageError(problem)
+    if args.name is None and not interactive:
+        raise UsageError(
+            "--name (or BCAST_NAME) is required when input or output is not a terminal"
+        )
+    colour = interactive and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    style = Style(colour, multiline=interactive)
     key = host_key(args.host, int(args.port))
+    io: Console | Pipe
+    if interactive:
+        io = Console(sys.stdin.fileno(), sys.stdout)
+    else:
+        io = Pipe(sys.stdin.fileno(), sys.stdout, sys.stderr)
+    with io, _signals_interrupt():
 
-    def verify(fp: str) -> None:
-        check_pin(known, key, fp, args.fingerprint, status)
+        def open_session() -> Session:
+            verify = lambda fp: check_pin(known, key, fp, args.fingerprint, status)  # noqa: E731
+            return Session.open(args.host, int(args.port), verify)
 
-    session = join(args, int(args.port), output, editor, verify, status)
-    if session is None:
-        return EXIT_OK
-    style.me = session.welcome.name if session.welcome else ""
-    read = editor.read if editor else sys.stdin.readline
-    return ChatUI(session, output, style, read).run()
+        def status(text: str) -> None:
+            io.show(style.status(text))
+
+        session = join_chat(open_session, io, args.name, style)
+        if session is None:
+            return EXIT_OK
+        bell = "off" if args.no_bell else "mentions"
+        return Chat(io, style, session, bell).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1018,8 +2087,6 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-    with contextlib.suppress(AttributeError, ValueError):
-        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     try:
         return run(argv)
     except ClientError as exc:

@@ -132,6 +132,7 @@ class FakeServer:
 
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(T)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # records go out at once
         try:
             if self.hello is not None:
                 sock.sendall(self.hello)
@@ -251,31 +252,78 @@ def test_sanitize_escapes_controls(raw: str, shown: str) -> None:
     assert sanitize(raw) == shown
 
 
-def test_sanitize_multiline_marks_continuations() -> None:
-    """A newline in text cannot forge a line that looks like another message."""
-    assert sanitize("hi\n[12:00:00] <bob> x\tz", newlines="\n  | ") == (
-        "hi\n  | [12:00:00] <bob> x\tz"
+def test_newline_in_text_cannot_forge_a_message() -> None:
+    """A newline in text cannot forge a line that looks like another message: on a terminal
+    the rest hangs indented under the text, in a pipe it is escaped."""
+    text = "hi\n[12:00:00] <bob> x\tz"
+    assert sanitize(text, newlines="\n") == "hi\n[12:00:00] <bob> x    z"
+    line = Style(colour=False, multiline=True).message(Message(1, "eve", text, 0))
+    rows = client.wrap(line.text, 60, line.indent)
+    assert rows[0].endswith("<eve> hi") and rows[1] == " " * 17 + "[12:00:00] <bob> x    z"
+    assert (
+        Style(colour=False)
+        .message(Message(1, "eve", text, 0))
+        .text.endswith("<eve> hi\\x0a[12:00:00] <bob> x\\tz")
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "cols", "indent", "rows"),
+    [
+        ("[10:00:00] <ana> one two three", 40, 17, ["[10:00:00] <ana> one two three"]),
+        (
+            "[10:00:00] <ana> one two three",
+            26,
+            13,
+            ["[10:00:00] <ana> one two", " " * 13 + "three"],
+        ),
+        ("[10:00:00] <ana> one two three", 24, 17, ["[10:00:00] <ana> one two", "  three"]),
+        ("abcdefghij", 4, 0, ["abcd", "efgh", "ij"]),
+        ("漢字漢字漢", 5, 0, ["漢字", "漢字", "漢"]),  # a wide character never splits
+        ("a\nb", 10, 3, ["a", "   b"]),
+        ("x" * 30, 20, 15, ["x" * 20, "  " + "x" * 10]),  # an indent past half: 2 columns
+    ],
+)
+def test_wrap_hangs_under_the_text(text: str, cols: int, indent: int, rows: list[str]) -> None:
+    """Issue 15: long messages wrap at spaces with a hanging indent, by display columns."""
+    assert client.wrap(text, cols, indent) == rows
+    assert all(client.text_width(row) <= cols for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("ch", "width"),
+    [
+        ("a", 1),
+        ("é", 1),
+        ("漢", 2),
+        ("Ａ", 2),
+        ("\u0301", 0),
+        ("\u200b", 0),
+        ("\u200d", 0),
+        ("😀", 2),
+    ],
+)
+def test_char_width_counts_display_columns(ch: str, width: int) -> None:
+    """Issue 15 bug 2: East Asian wide and fullwidth take 2 columns; marks and zero-width 0."""
+    assert client.char_width(ch) == width
 
 
 def test_style_colour_on_and_off() -> None:
     """Names in colour only when asked; dm, join and leave are marked; escapes stay escaped."""
     msg = Message(1, "\x1b[31mmallory", "hi \x1b[2J", 0)
-    plain, _ = Style(colour=False).format(msg)
+    plain = Style(colour=False).format(msg).text
     assert "\x1b" not in plain
     assert "<\\x1b[31mmallory> hi \\x1b[2J" in plain
-    coloured, _ = Style(colour=True).format(msg)
+    coloured = Style(colour=True).format(msg).text
     assert "\x1b[" in coloured and "\\x1b[31mmallory" in coloured
     assert "\x1b[2J" not in coloured and "\x1b[31mmallory" not in coloured
     style = Style(colour=False, me="bob")
-    assert "[dm] <alice> psst" in style.format(DirectMessage(2, "alice", "bob", "psst", 0))[0]
-    assert style.format(Joined("carol"))[0].endswith("--> carol joined")
-    assert style.format(Left("carol", "timeout"))[0].endswith("<-- carol left (timeout)")
-    assert style.format(Users(["a", "b"]))[0].endswith("here (2): a, b")
-    assert style.format(Error("rate_limited", "slow down")) == (
-        "not delivered: slow down (rate_limited)",
-        True,
-    )
+    assert "[dm] <alice> psst" in style.format(DirectMessage(2, "alice", "bob", "psst", 0)).text
+    assert style.format(Joined("carol")).text.endswith("--> carol joined")
+    assert style.format(Left("carol", "timeout")).text.endswith("<-- carol left (silent too long)")
+    assert style.format(Users(["a", "b"])).text.endswith("here (2): a, b")
+    refused = style.format(Error("unknown_user", "no user named zed"))
+    assert (refused.text, refused.status) == ("* not delivered: no user named zed", True)
     assert style.format(protocol.Pong(None)) is None
     assert Style(colour=False).clock(10**30) == "[??:??:??]"  # absurd ts: no crash
 
@@ -290,7 +338,18 @@ def test_style_colour_on_and_off() -> None:
         ("/who", ("who",)),
         ("/help", ("help",)),
         ("/msg bob hi there", ("dm", "bob", "hi there")),
-        ("@bob hi there", ("dm", "bob", "hi there")),
+        ("@bob hi there", ("say", "@bob hi there")),  # a mention is public
+        ("@bob, hi", ("say", "@bob, hi")),
+        ("/MSG bob hi", ("dm", "bob", "hi")),
+        ("/Dm bob  two  spaces", ("dm", "bob", "two  spaces")),
+        ("/query bob hi", ("dm", "bob", "hi")),
+        ("/names", ("who",)),
+        ("/Who", ("who",)),
+        ("/q", ("quit",)),
+        ("/QUIT", ("quit",)),
+        ("/clear", ("clear",)),
+        ("/bell OFF", ("bell", "off")),
+        ("/bell all", ("bell", "all")),
         ("//etc/passwd", ("say", "/etc/passwd")),
         ("exit now", ("say", "exit now")),
     ],
@@ -300,7 +359,9 @@ def test_parse_line(line: str, meaning: tuple[str, ...]) -> None:
     assert parse_line(line) == meaning
 
 
-@pytest.mark.parametrize("line", ["/nope", "/etc/passwd", "/msg bob", "/msg", "@bob", "@bob  "])
+@pytest.mark.parametrize(
+    "line", ["/nope", "/etc/passwd", "/msg bob", "/msg", "/bell loud", "/who is here"]
+)
 def test_unknown_or_incomplete_commands_give_a_hint(line: str) -> None:
     """Issue B: an unknown /command gets a hint instead of being sent to everyone."""
     kind, hint = parse_line(line)
@@ -394,14 +455,22 @@ def test_known_hosts_appends_after_a_missing_newline(tmp_path: Path) -> None:
     assert path.read_text() == f"h:1 {FP_A}\nh:2 {FP_B}\n"
 
 
-def test_explicit_fingerprint_pins_without_the_file(tmp_path: Path) -> None:
-    """Issue B: --fingerprint wins over known_hosts and refuses a mismatch (exit 2)."""
+def test_explicit_fingerprint_pins_and_replaces(tmp_path: Path) -> None:
+    """Issue 15: --fingerprint wins over known_hosts and refuses a mismatch (exit 2); a match
+    is pinned too, replacing an older pin of that host:port (saying so), atomically."""
     path = tmp_path / "known_hosts"
-    check_pin(KnownHosts(path), "h:1", FP_A, FP_A, print)
-    assert not path.exists()
+    path.write_text(f"# mine\nh:1 {FP_B}\nother:2 {FP_B}\n")
+    said: list[str] = []
+    check_pin(KnownHosts(path), "h:1", FP_A, FP_A, said.append)
+    assert path.read_text() == f"# mine\nother:2 {FP_B}\nh:1 {FP_A}\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert FP_A in said[0] and f"replacing the old pin {FP_B}" in said[0]
+    check_pin(KnownHosts(path), "h:1", FP_A, FP_A, said.append)  # already pinned: quiet
+    assert len(said) == 1
     with pytest.raises(TrustError, match="--fingerprint") as info:
         check_pin(KnownHosts(path), "h:1", FP_B, FP_A, print)
     assert info.value.exit_code == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["known_hosts"]  # no temporary file left
 
 
 def test_host_key_brackets_ipv6() -> None:
@@ -418,7 +487,9 @@ def test_host_key_brackets_ipv6() -> None:
         (["--name", "bob", "--port", "0"], "port"),
         (["--name", "bob", "--port", "x"], "port"),
         (["--name", "bob", "--fingerprint", "MD5:abc"], "--fingerprint"),
-        (["--name", "not valid!"], "not a valid name"),
+        (["--name", "not valid!"], "contains the character U+0020 SPACE"),
+        (["--name", "аlice"], "mixes Cyrillic and Latin letters"),
+        (["--name", "x" * 33], "(32 characters at most)"),
         ([], "--name"),  # stdin is not a terminal here: a name is required
     ],
 )
@@ -435,7 +506,7 @@ def test_usage_errors_exit_2(
 def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert client.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "0 left normally, 1 connection lost or refused, 2 bad usage" in out
+    assert "0 left normally, 1 connection lost or refused" in out and "2 bad usage" in out
     assert "known_hosts" in out and "/msg NAME TEXT" in out
 
 
@@ -522,7 +593,7 @@ def test_name_refusal_is_reported(server_key) -> None:
 
     with (
         FakeServer(server_key, refuse, welcome=False) as fake,
-        pytest.raises(NameRefused, match="name_taken"),
+        pytest.raises(NameRefused, match="the name alice is taken"),
     ):
         Session.connect(fake.host, fake.port, "alice", no_pin)
 
@@ -648,7 +719,7 @@ def test_hostile_text_is_escaped_in_pipe_output(server_key, tmp_path: Path) -> N
     assert lines[0].endswith("--> \\x1b[2Jevil joined")
     assert lines[1].endswith("<\\x1b]0;pwned\\x07> hi \\x1b[31mred\\x0d\\x0aline2 \\x9b6n")
     assert lines[2].endswith("<-- \\x1b[2Jevil left (\\x1bc)")
-    assert "not delivered: bad \\x07 (\\x1b[5m)" in err
+    assert "not delivered: bad \\x07" in err and "5m" not in err  # the code is not shown
 
 
 # --- against the real server ---------------------------------------------------------------------
@@ -694,7 +765,7 @@ def test_pipe_mode_sends_lines_and_leaves_at_eof(run_server, tmp_path: Path) -> 
         assert [(m["type"], m.get("text")) for m in got] == [
             ("message", "one"),
             ("dm", "two"),
-            ("dm", "three"),
+            ("message", "@bob three"),  # a mention, public
             ("message", "last"),
         ]
         assert event(peer.recv(T)) == ("left", "alice", "leave")
@@ -778,7 +849,7 @@ def test_name_taken_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
         done = pipe_client(tmp_path, srv.address[1], "--name", "BOB")
         peer.close()
     assert done.returncode == 1
-    assert "refused the name BOB" in done.stderr and "name_taken" in done.stderr
+    assert done.stderr.endswith("client.py: the name BOB is taken\n")
 
 
 def test_server_loss_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
@@ -789,7 +860,7 @@ def test_server_loss_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
         srv.shutdown()
         _, err = wait_open(proc)
     assert proc.returncode == 1
-    assert err.strip() == "client.py: the server closed the connection (bye: shutdown)"
+    assert err.strip() == "client.py: the server is shutting down"  # words, not (bye: shutdown)
 
 
 def test_pins_through_the_cli(run_server, tmp_path: Path) -> None:
@@ -940,3 +1011,108 @@ def test_closed_stdout_leaves_and_exits(run_server, tmp_path: Path, more: bool) 
             proc.wait()
             proc.stderr.close()
             peer.close()
+
+
+# --- the chat without a terminal ---------------------------------------------------------------
+
+
+class FakeIO:
+    """Records what the chat shows; `interactive` as a terminal would be."""
+
+    def __init__(self, interactive: bool = True):
+        self.interactive = interactive
+        self.shown: list[client.Line] = []
+
+    def show(self, line: client.Line) -> None:
+        self.shown.append(line)
+
+    def wake(self, reason: str) -> None:
+        pass
+
+
+class FakeSession:
+    def __init__(self, welcome: Any):
+        self.welcome = welcome
+
+
+def fake_chat(users: list[str], me: str = "ana", interactive: bool = True) -> client.Chat:
+    welcome = protocol.parse_server_message(protocol.welcome(me, users, 100, 0))
+    io = FakeIO(interactive)
+    return client.Chat(
+        io, Style(colour=False, multiline=interactive), FakeSession(welcome), "mentions"
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "done", "listed"),
+    [
+        ("c", "carol: ", []),  # the start of the line: addressing someone
+        ("hi B", "hi Bob", ["Bob", "bobby"]),  # two fit: their common start, then a list
+        ("hi bobb", "hi bobby ", []),
+        ("hi @ca", "hi @carol ", []),  # a mention
+        ("/msg c", "/msg carol ", []),
+        ("/MSG c", "/MSG carol ", []),
+        ("/cl", "/clear ", []),
+        ("/bell m", "/bell mentions", []),
+        ("x", "x", []),  # nothing fits: nothing changes (and no tab is inserted)
+        ("a", "a", []),  # my own name is not offered
+    ],
+)
+def test_tab_completion(before: str, done: str, listed: list[str]) -> None:
+    """Issue 15: Tab completes names from the user list and commands (case-insensitively)."""
+    chat = fake_chat(["Bob", "bobby", "carol"])
+    assert chat.complete(before) == (done, listed)
+
+
+def test_completion_follows_joins_and_leaves() -> None:
+    """The names Tab offers are the ones here now: joined adds, left removes, users resets."""
+    chat = fake_chat(["bob"])
+    chat._on_message(Joined("dave"))
+    assert chat.complete("d") == ("dave: ", [])
+    chat._on_message(Left("dave", "leave"))
+    assert chat.complete("d") == ("d", [])
+    chat._on_message(Users(["ana", "erin"]))
+    assert chat.complete("b") == ("b", []) and chat.complete("e") == ("erin: ", [])
+
+
+def test_date_rule_when_the_day_changes() -> None:
+    """Issue 15: a `--- Saturday 5 December 2026 ---` line comes before the first line of
+    another day than the last one shown (interactive only)."""
+    chat = fake_chat([])
+    noon = time.mktime((2026, 11, 28, 12, 0, 0, 0, 0, -1)) * 1000  # not today
+    for ts in (noon, noon + 60_000, noon + 86_400_000):
+        chat._on_message(Message(1, "bob", "hi", int(ts)))
+    texts = [line.text for line in chat.io.shown]
+    assert texts[0] == "--- Saturday 28 November 2026 ---"
+    assert texts[3] == "--- Sunday 29 November 2026 ---"
+    assert len(texts) == 5
+    piped = fake_chat([], interactive=False)
+    piped._on_message(Message(1, "bob", "hi", int(noon)))
+    assert len(piped.io.shown) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "rings"),
+    [("hi ana", True), ("ANA?", True), ("@ana, look", True), ("banana", False), ("ana_b", False)],
+)
+def test_mentions_ring_for_whole_words(text: str, rings: bool) -> None:
+    """Issue 15: a message naming me as a whole word, in any case, is highlighted and rings."""
+    chat = fake_chat(["bob"])
+    chat._on_message(Message(1, "bob", text, 0))
+    assert chat.io.shown[-1].bell is rings
+    chat.bell = "off"
+    chat._on_message(Message(2, "bob", text, 0))
+    assert chat.io.shown[-1].bell is False
+
+
+def test_key_decoder_splits_anywhere() -> None:
+    """Keys come out the same whatever the reads cut: UTF-8 and escape sequences whole."""
+    data = "a漢\x1b[D\x1b[1;5C\x1bOH\x7f\r\x03\t\x1b[3~é".encode()
+    want = ["a", "漢", "left", "word-right", "home", "backspace", "enter", "ctrl-c", "tab"]
+    want += ["delete", "é"]
+    assert client.KeyDecoder().feed(data) == want
+    for cut in range(1, len(data)):
+        keys = client.KeyDecoder()
+        assert keys.feed(data[:cut]) + keys.feed(data[cut:]) == want, cut
+    lone = client.KeyDecoder()
+    assert lone.feed(b"\x1b") == [] and lone.pending and lone.flush() == ["esc"]

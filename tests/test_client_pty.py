@@ -9,7 +9,10 @@ FakeServer.
 from __future__ import annotations
 
 import re
+import socket
 import sys
+import time
+import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,8 +27,21 @@ ROWS, COLS = 24, 100
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def cell_width(ch: str) -> int:
+    """Columns a character takes on a terminal: wide and fullwidth 2, marks and formats 0."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
 class Screen:
-    """Applies terminal output to a grid: enough of a VT100 for readline and client.py."""
+    """Applies terminal output to a grid: enough of an xterm for client.py's line editor.
+
+    Like xterm: a wide character takes two cells and wraps whole when only one is left;
+    writing the last column leaves the cursor there with the wrap pending until the next
+    character (any cursor movement cancels it); a zero-width character joins the cell
+    before it. `bells` counts BEL characters.
+    """
 
     TOKEN = re.compile(r"\x1b\[([?0-9;]*)([@-~])|\x1b\][^\x07]*\x07|\x1b.|[\s\S]")
 
@@ -33,6 +49,7 @@ class Screen:
         self.rows, self.cols = rows, cols
         self.grid = [[" "] * cols for _ in range(rows)]
         self.row = self.col = 0
+        self.bells = 0
 
     def write(self, text: str) -> None:  # pexpect's logfile_read interface
         for m in self.TOKEN.finditer(text):
@@ -50,13 +67,22 @@ class Screen:
         elif ch == "\n":
             self._down()
         elif ch == "\b":
-            self.col = max(0, self.col - 1)
+            self.col = max(0, min(self.col, self.cols - 1) - 1)
+        elif ch == "\a":
+            self.bells += 1
         elif ch >= " ":
-            if self.col >= self.cols:
+            width = cell_width(ch)
+            if width == 0:
+                if self.col:
+                    self.grid[self.row][min(self.col, self.cols) - 1] += ch
+                return
+            if self.col + width > self.cols:
                 self.col = 0
                 self._down()
             self.grid[self.row][self.col] = ch
-            self.col += 1
+            if width == 2:
+                self.grid[self.row][self.col + 1] = ""
+            self.col += width
 
     def _down(self) -> None:
         if self.row == self.rows - 1:
@@ -66,9 +92,11 @@ class Screen:
             self.row += 1
 
     def _csi(self, params: str, final: str) -> None:
-        if params.startswith("?"):
-            return  # private modes (bracketed paste and such)
-        n = int(params.split(";")[0] or 1) if params and final not in "KJm" else 1
+        if params.startswith("?") or final == "m":
+            return  # private modes (bracketed paste and such), colours
+        args = [int(a) if a else 0 for a in params.split(";")] if params else []
+        n = max(1, args[0]) if args else 1
+        self.col = min(self.col, self.cols - 1)  # a movement cancels a pending wrap
         line = self.grid[self.row]
         if final == "A":
             self.row = max(0, self.row - n)
@@ -79,12 +107,17 @@ class Screen:
         elif final == "D":
             self.col = max(0, self.col - n)
         elif final == "G":
-            self.col = n - 1
+            self.col = min(self.cols, n) - 1
+        elif final == "H":
+            self.row = min(self.rows, n) - 1
+            self.col = min(self.cols, max(1, args[1]) if len(args) > 1 else 1) - 1
         elif final == "K":
             line[self.col :] = [" "] * (self.cols - self.col)
         elif final == "J":
-            line[self.col :] = [" "] * (self.cols - self.col)
-            for r in range(self.row + 1, self.rows):
+            first = 0 if args and args[0] in (2, 3) else self.row + 1
+            if not (args and args[0] in (2, 3)):
+                line[self.col :] = [" "] * (self.cols - self.col)
+            for r in range(first, self.rows):
                 self.grid[r] = [" "] * self.cols
         elif final == "P":
             del line[self.col : self.col + n]
@@ -98,16 +131,18 @@ class Screen:
         return [r for r in ("".join(row).rstrip() for row in self.grid) if r]
 
 
-def spawn(tmp_path: Path, port: int, *args: str, **env: str) -> tuple[pexpect.spawn, Screen]:
+def spawn(
+    tmp_path: Path, port: int, *args: str, cols: int = COLS, **env: str
+) -> tuple[pexpect.spawn, Screen]:
     child = pexpect.spawn(
         sys.executable,
         [str(CLIENT), "--port", str(port), *args],
-        env=client_env(tmp_path, TERM="xterm", **env),
+        env=client_env(tmp_path, TERM="xterm", LC_ALL="C.UTF-8", **env),
         encoding="utf-8",
         timeout=T,
-        dimensions=(ROWS, COLS),
+        dimensions=(ROWS, cols),
     )
-    screen = Screen()
+    screen = Screen(ROWS, cols)
     child.logfile_read = screen
     return child, screen
 
@@ -137,7 +172,7 @@ def test_message_arrives_while_typing(chat) -> None:
     bob, child, screen = chat.bob, chat.child, chat.screen
     child.send("hello wor")
     child.send("\x1b[D\x1b[D")  # cursor two to the left, before "or"
-    child.expect("\x08\x08")
+    assert wait_screen(child, screen, lambda _: screen.col == len("> hello w"), T)
     bob.send({"type": "say", "text": "ping from bob"})
     child.expect("ping from bob")
     child.expect("> hello wor")  # redrawn below the message
@@ -162,9 +197,13 @@ def test_history_recalls_the_last_line(chat) -> None:
     assert bob.recv(T)["text"] == "first line"
 
 
-@pytest.mark.parametrize("keys", ["exit\r", "/quit\r", "\x04", "half typed\x03"])
+@pytest.mark.parametrize(
+    "keys",
+    ["exit\r", "/quit\r", "/Q\r", "\x04", "\x03", "half typed\x03\x03", "ab\x01\x04\x04\x04"],
+)
 def test_leaving_exits_0(chat, keys: str) -> None:
-    """Issue A: exit, /quit, Ctrl-D and Ctrl-C send `leave` and exit 0."""
+    """Issue A, 15: exit, /quit, /q, Ctrl-D and Ctrl-C on an empty line send `leave` and exit
+    0 (Ctrl-C first clears a draft; Ctrl-D inside a line deletes like a shell's)."""
     bob, child, screen = chat.bob, chat.child, chat.screen
     child.send(keys)
     assert finish(child) == 0
@@ -180,7 +219,7 @@ def test_server_loss_exits_1(chat) -> None:
     srv.shutdown()
     assert finish(child) == 1
     lines = screen.lines()
-    assert lines[-1] == "client.py: the server closed the connection (bye: shutdown)"
+    assert lines[-1] == "client.py: the server is shutting down"
     assert lines[-2] == "> half"
     assert "Traceback" not in "\n".join(lines)
 
@@ -192,7 +231,7 @@ def test_help_and_unknown_commands(chat) -> None:
     child.expect("/msg NAME TEXT")
     child.send("/nope hello\r")
     child.expect("unknown command /nope")
-    child.send("@bob psst\r")
+    child.send("/msg bob psst\r")
     got = bob.recv(T)
     assert (got["type"], got["text"]) == ("dm", "psst")  # the /nope line never left
 
@@ -203,8 +242,9 @@ def test_too_long_line_gets_a_hint(run_server, tmp_path: Path) -> None:
         child, _ = spawn(tmp_path, srv.address[1], "--name", "alice")
         child.expect("exit to leave")
         child.send("123456789\r")
-        child.expect("split the line")
-        child.send("exit\r")
+        child.expect("takes at most 8")
+        child.expect("> 123456789")  # given back to edit
+        child.send("\x03exit\r")
         assert finish(child) == 0
         bob.recv(T)  # joined
         assert bob.recv(T)["type"] == "left"
@@ -256,10 +296,10 @@ def test_name_is_asked_and_asked_again_after_refusals(run_server, tmp_path: Path
         child, _ = spawn(tmp_path, srv.address[1])
         child.expect("your name: ")
         child.send("no spaces!\r")
-        child.expect("not a valid name")
+        child.expect("contains the character U\\+0020 SPACE; try another")
         child.expect("your name: ")
         child.send("BOB\r")
-        child.expect("refused the name BOB")
+        child.expect("the name BOB is taken; try another")
         child.expect("your name: ")
         child.send("carol\r")
         child.expect("joined as .*carol")
@@ -284,8 +324,8 @@ def test_changed_fingerprint_refuses_with_exit_2(run_server, tmp_path: Path) -> 
         assert srv.fingerprint in "\n".join(screen.lines())
 
 
-def test_plain_fallback_without_readline(chat, tmp_path: Path) -> None:
-    """Issue B: where readline does not load, plain input() still chats and leaves cleanly."""
+def test_no_readline_needed(chat, tmp_path: Path) -> None:
+    """Issue B: the line editor is the client's own: without readline it chats all the same."""
     srv, bob = chat.srv, chat.bob
     no_readline = (
         "import runpy, sys; sys.modules['readline'] = None; "
@@ -309,3 +349,249 @@ def test_plain_fallback_without_readline(chat, tmp_path: Path) -> None:
     child.send("exit\r")
     assert finish(child) == 0
     assert event(bob.recv(T)) == ("left", "dave", "leave")
+
+
+def settle(child: pexpect.spawn, quiet_s: float = 0.3) -> None:
+    """Read until the client has written nothing for `quiet_s` (the screen is then final)."""
+    while True:
+        try:
+            child.read_nonblocking(65536, timeout=quiet_s)
+        except pexpect.TIMEOUT:
+            return
+
+
+def test_wide_characters_that_wrap_are_redrawn_without_stale_rows(run_server, tmp_path) -> None:
+    """Issue 15 bug 2: at 40 columns, 30 CJK characters typed (62 columns with the prompt, two
+    rows) stay exactly two rows when messages arrive: the editor counts display columns (wide
+    = 2), not characters, so it erases both rows before printing above them."""
+    typed = "漢字" * 15
+    with run_server(rate=0) as srv:
+        bob, _ = connect_and_join(*srv.address, "bob")
+        child, screen = spawn(tmp_path, srv.address[1], "--name", "alice", cols=40)
+        child.expect("exit to leave")
+        assert event(bob.recv(T)) == ("joined", "alice")
+        child.send(typed)
+        child.expect("漢字漢字")
+        settle(child)
+        for text in ("first news", "second news"):
+            bob.send({"type": "say", "text": text})
+            child.expect(text)
+        settle(child)
+        lines = screen.lines()
+        assert lines[-4].endswith("<bob> first news") and lines[-3].endswith("<bob> second news")
+        assert lines[-2:] == ["> " + typed[:19], typed[19:]]
+        stale = [line for line in lines if line.startswith("> " + typed[:4])]
+        assert len(stale) == 1, lines  # no stale copy of the first row
+        child.send("\r")
+        assert bob.recv(T)["text"] == typed
+        child.close(force=True)
+        bob.close()
+
+
+FORKING_CLIENT = """
+import os, runpy, sys
+client = runpy.run_path(sys.argv[1])  # imports paid once; each run is a fork
+for i in range(int(sys.argv[2])):
+    print(f"run {i}", flush=True)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(client["main"](sys.argv[3:]))
+    os.waitpid(pid, 0)
+print("all runs done", flush=True)
+"""
+
+
+def test_prompt_survives_a_notice_right_after_welcome(server_key, tmp_path: Path) -> None:
+    """Issue 15 bug 3: a `joined` arriving within milliseconds of `welcome` is printed above
+    the prompt, never on it: the prompt is on the last row after every one of 50 starts.
+    (Each start is a fork of one process that imported the client once, so 50 are cheap.)"""
+    runs = 50
+    delays = iter([i / 5_000 for i in range(runs)])  # 0 to 9.8 ms behind welcome
+
+    def notice_at_once(conn: FakeConn) -> None:
+        time.sleep(next(delays))
+        conn.send(protocol.joined("bob"))  # its own record, right behind welcome
+        assert conn.recv() == [{"type": "leave"}]
+        conn.send(protocol.bye("leave"))
+
+    with FakeServer(server_key, notice_at_once) as fake:
+        argv = ["--port", str(fake.port), "--name", "alice"]
+        child = pexpect.spawn(
+            sys.executable,
+            ["-c", FORKING_CLIENT, str(CLIENT), str(runs), *argv],
+            env=client_env(tmp_path, TERM="xterm", LC_ALL="C.UTF-8", NO_COLOR="1"),
+            encoding="utf-8",
+            timeout=T,
+            dimensions=(ROWS, COLS),
+        )
+        child.delaybeforesend = None
+        screen = Screen()
+        child.logfile_read = screen
+        lost = []
+        for i in range(runs):
+            child.expect(f"run {i}\r\n")
+            child.expect("bob joined")
+            if not wait_screen(child, screen, lambda lines: lines[-1] == ">", 1.0):
+                lost.append((i, screen.lines()[-3:]))
+            child.send("exit\r")
+            child.expect("left")
+        child.expect("all runs done")
+        assert finish(child) == 0
+    assert not lost, f"prompt lost in {len(lost)} of {runs} starts: {lost[:3]}"
+
+
+def wait_screen(child: pexpect.spawn, screen: Screen, ok, timeout: float) -> bool:
+    """Read output until `ok(screen.lines())` holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not ok(screen.lines()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            child.read_nonblocking(65536, timeout=min(left, 0.05))
+        except pexpect.TIMEOUT:
+            pass
+    return True
+
+
+def test_lines_typed_faster_than_the_rate_show_once_each(run_server, tmp_path: Path) -> None:
+    """Issue 15 bug 7: with the server at --rate 1, lines typed quickly are each shown once
+    (as sent lines, above the prompt) while the client paces them, never echoed bare first."""
+    with run_server(rate=1) as srv:
+        bob, _ = connect_and_join(*srv.address, "bob")
+        child, screen = spawn(tmp_path, srv.address[1], "--name", "alice", NO_COLOR="1")
+        child.expect("exit to leave")
+        assert event(bob.recv(T)) == ("joined", "alice")
+        child.send("line one\r")
+        assert bob.recv(T)["text"] == "line one"  # the one token of the burst is spent
+        child.send("line two\r")  # waits ~1.1 s for a token ...
+        time.sleep(0.2)  # ... a window no event marks on the old client: type inside it
+        child.send("line three\r")
+        assert [bob.recv(2 * T)["text"] for _ in range(2)] == ["line two", "line three"]
+        settle(child)
+        lines = screen.lines()
+        for text in ("line one", "line two", "line three"):
+            assert sum(text in line for line in lines) == 1, lines
+        assert lines[-1] == ">", lines
+        child.close(force=True)
+        bob.close()
+
+
+def test_mention_is_highlighted_and_rings(chat) -> None:
+    """Issue 15: a message naming me (whole word, any case) or a dm is highlighted and rings
+    the bell; a name inside another word does not; /bell off silences it."""
+    bob, child, screen = chat.bob, chat.child, chat.screen
+    bob.send({"type": "say", "text": "nothing for alicex here"})
+    child.expect("alicex here")
+    assert screen.bells == 0
+    bob.send({"type": "say", "text": "hey ALICE, look"})
+    child.expect("look")
+    assert "\x1b[1;33mhey ALICE, look\x1b[0m" in child.before + "look\x1b[0m"
+    assert wait_screen(child, screen, lambda _: screen.bells == 1, T)
+    bob.send({"type": "dm", "to": "alice", "text": "psst"})
+    child.expect("psst")
+    assert wait_screen(child, screen, lambda _: screen.bells == 2, T)
+    child.send("/bell off\r")
+    child.expect("the bell rings for nothing")
+    bob.send({"type": "say", "text": "alice again"})
+    child.expect("alice again")
+    settle(child)
+    assert screen.bells == 2
+    assert screen.lines()[-1] == ">"
+
+
+def test_no_bell_flag(run_server, tmp_path: Path) -> None:
+    """Issue 15: --no-bell: a mention is still highlighted, but nothing rings."""
+    with run_server(rate=0) as srv:
+        bob, _ = connect_and_join(*srv.address, "bob")
+        child, screen = spawn(tmp_path, srv.address[1], "--name", "alice", "--no-bell")
+        child.expect("exit to leave")
+        bob.recv(T)  # joined
+        bob.send({"type": "say", "text": "alice?"})
+        child.expect("alice\\?")
+        settle(child)
+        assert screen.bells == 0
+        child.close(force=True)
+        bob.close()
+
+
+def test_tab_completes_names_and_commands(chat) -> None:
+    """Issue 15: Tab completes a name (at the start of the line with ': ', after @ or /msg
+    with a space) and commands; it never inserts a tab; a second Tab lists candidates."""
+    bob, child, screen = chat.bob, chat.child, chat.screen
+    carol, _ = connect_and_join(*chat.srv.address, "carol")
+    assert wait_screen(child, screen, lambda lines: lines[-2].endswith("carol joined"), T)
+    assert event(bob.recv(T)) == ("joined", "carol")
+    child.send("b\t")
+    assert wait_screen(child, screen, lambda lines: lines[-1] == "> bob:", T)
+    child.send("hi @c\t")
+    assert wait_screen(child, screen, lambda lines: lines[-1] == "> bob: hi @carol", T)
+    child.send("x\t\t\r")  # nothing starts with x: no tab inserted
+    assert bob.recv(T)["text"] == "bob: hi @carol x"
+    child.send("/MS\tbo\tpsst\r")
+    got = bob.recv(T)
+    assert (got["type"], got["text"]) == ("dm", "psst")
+    child.send("/q")
+    child.send("\t\t")  # /q, /query, /quit: a second Tab lists them
+    child.expect("/query  /quit")
+    child.send("\x03/cle\t")
+    assert wait_screen(child, screen, lambda lines: lines[-1] == "> /clear", T)
+    child.send("\x03")
+    carol.close()
+
+
+def test_ctrl_c_clears_a_draft(chat) -> None:
+    """Issue 15: Ctrl-C on a typed line clears it, like a shell, and sends nothing; the
+    client stays; the next line goes out alone."""
+    bob, child, screen = chat.bob, chat.child, chat.screen
+    child.send("a draft I regret")
+    child.expect("regret")
+    child.send("\x03")
+    assert wait_screen(child, screen, lambda lines: lines[-1] == ">", T)
+    child.send("instead\r")
+    assert bob.recv(T)["text"] == "instead"
+
+
+def test_own_lines_are_shown_like_everyones(chat) -> None:
+    """Issue 15: once sent, the typed line becomes `[hh:mm:ss] <alice> text`; a dm shows as
+    `[dm → bob] text`; the prompt stays below."""
+    bob, child, screen = chat.bob, chat.child, chat.screen
+    child.send("hello all\r")
+    assert bob.recv(T)["text"] == "hello all"
+    child.send("/msg bob just you\r")
+    assert bob.recv(T)["text"] == "just you"
+    assert wait_screen(child, screen, lambda lines: "just you" in lines[-2], T)
+    lines = screen.lines()
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] <alice> hello all", lines[-3])
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] \[dm → bob\] just you", lines[-2])
+    assert lines[-1] == ">"
+    assert not any(line.startswith("> hello") for line in lines)
+
+
+def test_clear_command_clears_the_screen(chat) -> None:
+    """Issue 15: /clear empties the screen and leaves the prompt at the top."""
+    child, screen = chat.child, chat.screen
+    child.send("/clear\r")
+    assert wait_screen(child, screen, lambda lines: lines == [">"], T)
+
+
+def test_changed_key_is_said_before_the_name_is_asked(run_server, tmp_path: Path) -> None:
+    """Issue 15: the client connects first, so a changed server key is refused (exit 2)
+    before anyone types a name."""
+    with run_server(rate=0) as srv:
+        pins = tmp_path / "pins"
+        pins.write_text(f"127.0.0.1:{srv.address[1]} SHA256:{'A' * 43}\n")
+        child, screen = spawn(tmp_path, srv.address[1], "--known-hosts", str(pins))
+        child.expect("HAS CHANGED")
+        assert finish(child) == 2
+    assert "your name" not in "\n".join(screen.lines())
+
+
+def test_refused_connection_is_said_before_the_name_is_asked(tmp_path: Path) -> None:
+    """Issue 15: no server: one sentence and exit 1, without asking for a name first."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    child, screen = spawn(tmp_path, port)
+    child.expect("cannot connect")
+    assert finish(child) == 1
+    assert "your name" not in "\n".join(screen.lines())
