@@ -885,7 +885,29 @@ def test_pins_through_the_cli(run_server, tmp_path: Path) -> None:
         assert wrong.returncode == 2 and "--fingerprint" in wrong.stderr
         right = pipe_client(tmp_path, port, *args, "--fingerprint", srv.fingerprint)
         assert right.returncode == 0
+        assert f"replacing the old pin {FP_A}" in right.stderr  # a matching --fingerprint pins
+        assert kh.read_text() == f"127.0.0.1:{port} {srv.fingerprint}\n"
     assert not (tmp_path / "config").exists()  # --known-hosts: the default file is untouched
+
+
+def test_forget_removes_a_pin(tmp_path: Path) -> None:
+    """Issue 15: `client.py --forget HOST:PORT` removes that pin (and only it), exit 0."""
+    kh = tmp_path / "pins"
+    kh.write_text(f"# kept\n127.0.0.1:4000 {FP_A}\n[::1]:4000 {FP_B}\n")
+    done = subprocess.run(
+        [sys.executable, str(CLIENT), "--known-hosts", str(kh), "--forget", "127.0.0.1:4000"],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        env=client_env(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"removed the pin of 127.0.0.1:4000 ({FP_A}) from {kh}\n"
+    assert kh.read_text() == f"# kept\n[::1]:4000 {FP_B}\n"
+    assert client.main(["--known-hosts", str(kh), "--forget", "[::1]:4000"]) == 0
+    assert kh.read_text() == "# kept\n"
+    assert client.main(["--known-hosts", str(kh), "--forget", "[::1]:4000"]) == 0  # nothing left
+    assert client.main(["--known-hosts", str(kh), "--forget", "no-port"]) == 2
 
 
 def test_env_fingerprint_and_known_hosts_are_used(run_server, tmp_path: Path) -> None:
