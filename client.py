@@ -1023,6 +1023,11 @@ class _Waker:
         os.set_blocking(self._wake_w, False)
         self._reason: str | None = None
 
+    @property
+    def reason(self) -> str | None:
+        """Why `wake` was called, if it was."""
+        return self._reason
+
     def wake(self, reason: str) -> None:
         self._reason = self._reason or reason
         with contextlib.suppress(OSError):
@@ -1551,10 +1556,13 @@ class Outbox:
         self._busy = 0  # taken by the sender, not sent yet
         self._closed = False
 
-    def put(self, msg: ClientMessage, block: bool) -> bool:
+    def put(self, msg: ClientMessage, block: bool, give_up: Callable[[], bool]) -> bool:
+        """Queue `msg`; with `block`, wait for room unless `give_up()` (False: not queued)."""
         with self._cond:
             while block and len(self._items) >= self.limit and not self._closed:
-                self._cond.wait()
+                if give_up():
+                    return False
+                self._cond.wait(0.1)
             if len(self._items) >= self.limit or self._closed:
                 return False
             self._items.append(msg)
@@ -1657,7 +1665,7 @@ class Chat:
         self.outbox.close()
         if self._end is None and not now:
             wait = None if not self.io.interactive else DRAIN_WAIT_S
-            self.outbox.drain(wait, give_up=self._ended.is_set)
+            self.outbox.drain(wait, give_up=self._stopping)
         self._leaving = True
         if self._end is not None:
             self._close_input(keep=True)
@@ -1671,6 +1679,10 @@ class Chat:
         elif failed:
             raise ClientError(f"{failed} of {self.lines} lines were not delivered")
         return EXIT_OK
+
+    def _stopping(self) -> bool:
+        """The chat ended, or a signal or a closed stdout asks to leave now."""
+        return self._ended.is_set() or self.io.reason in ("leave", "stdout")
 
     def _close_input(self, keep: bool) -> None:
         if isinstance(self.io, Console):
@@ -1715,7 +1727,7 @@ class Chat:
             self._show(self.style.own(msg))
 
     def _queue(self, msg: ClientMessage, line: str) -> bool:
-        if self.outbox.put(msg, block=not self.io.interactive):
+        if self.outbox.put(msg, not self.io.interactive, self._stopping):
             return True
         self._refuse(f"not sent: {len(self.outbox)} lines are still waiting to go out", line)
         return False

@@ -1048,6 +1048,8 @@ class FakeIO:
     def show(self, line: client.Line) -> None:
         self.shown.append(line)
 
+    reason = None
+
     def wake(self, reason: str) -> None:
         pass
 
