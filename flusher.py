@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import crypto_utils
 import protocol
-from hub import Conn, Hub, entry
+from conn import Conn
+from delivery import entry
+from hub import Hub
 
 log = logging.getLogger("bcast.server")
 

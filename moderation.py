@@ -14,7 +14,9 @@ import logging
 import time
 
 import protocol
-from hub import Conn, Hub, entry
+from conn import Conn
+from delivery import entry
+from hub import Hub
 from protocol import Refused
 from statewriter import StateWriter
 from store import Ban

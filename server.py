@@ -36,6 +36,7 @@ How it is built (read before changing it):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import select
@@ -61,15 +62,18 @@ except ModuleNotFoundError as exc:
         "venv: `. .venv/bin/activate` in each new terminal, or run `.venv/bin/python server.py`\n"
     )
     sys.exit(2)
+import limits
 import protocol
 from access import FINGERPRINT_RE, Access, AllowlistError, Listed, parse_allowlist
+from conn import Conn
 from crypto_utils import CryptoError
+from delivery import RECORD_BUDGET, entry
 from flusher import Flusher, wake
-from hub import RECORD_BUDGET, Conn, Hub, JoinRequest, SayEntry, entry
+from hub import Hub, JoinRequest, SayEntry
 from moderation import Moderation
 from protocol import ByeProtocol, CloseSilently, Refused
 from statewriter import ID_BLOCK, StateWriter
-from store import StoreError, open_store
+from store import RunState, StoreError, open_store
 
 log = logging.getLogger("bcast.server")
 
@@ -84,6 +88,27 @@ DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024
 DEFAULT_HISTORY = 100  # §6: public messages kept for those who ask
+# §1: the server's record limit R (welcome.max_record). A joined client may park all
+# but one byte of a record in its reader's buffer: R bounds what that costs the
+# server (bench/README.md, "Abuse"). A longest say (max_text 16384) fits with room.
+MAX_RECORD_BYTES = 128 * 1024
+# The longest say's record beside its text: brackets, type, action, the GCM tag.
+SAY_RECORD_OVERHEAD_BYTES = 64
+# JSON may spell a text in 3 times its UTF-8 bytes (\uXXXX for a 2-byte character, a
+# surrogate pair for a 4-byte one), so --max-text is capped for the longest say to fit R.
+MAX_TEXT_LIMIT = (MAX_RECORD_BYTES - SAY_RECORD_OVERHEAD_BYTES) // 3
+# issue 12: per-source limits (limits.py says why each value)
+DEFAULT_MAX_UNJOINED_PER_IP = limits.DEFAULT_MAX_UNJOINED_PER_SOURCE
+DEFAULT_CONNECT_RATE_PER_IP = limits.DEFAULT_CONNECT_RATE_PER_SOURCE
+# Each client's kernel send buffer (SO_SNDBUF asked for; Linux doubles it). Left to
+# itself the kernel grows it to ~4 MiB that --max-pending cannot see; this is big
+# enough for fan-out records in one send and small enough to count (bench/README.md).
+DEFAULT_SEND_BUFFER_BYTES = 64 * 1024
+LOG_WHY_CHARS = 200  # a close reason in a log line (it may quote the peer)
+# glibc keeps what ended connections freed in its per-thread arenas, and RSS crept by
+# ~10 KB per connection replaced (bench/README.md, churn); after connections end the
+# reaper hands free pages back (malloc_trim) at most this often.
+TRIM_INTERVAL_S = 10.0
 # One read's worth (the buffer exists only while a recv() runs: readers wait in
 # poll()). 64 KiB measured no better on fan-out and ~10 % worse with 10 clients.
 RECV_CHUNK_BYTES = 256 * 1024
@@ -107,6 +132,7 @@ REASON_WORDS = {
     "slow": "too slow",
     "leave": "left",
     "shutdown": "server shutting down",
+    "evicted": "evicted",
 }
 
 
@@ -129,6 +155,11 @@ class Settings:
     history: int = DEFAULT_HISTORY
     allow: Path | None = None  # §5 allowlist mode when given
     ops: tuple[str, ...] = ()  # §5 operators' fingerprints, in either mode
+    # Per-source limits: off (0) in a bare Settings, which tests and embedders use to
+    # connect many clients from one address; the command line turns them on (FLAGS).
+    max_unjoined_per_ip: int = 0
+    connect_rate_per_ip: float = 0.0
+    send_buffer: int = DEFAULT_SEND_BUFFER_BYTES  # 0 = the kernel's autotuning
 
 
 def default_data_file(name: str) -> Path:
@@ -169,12 +200,20 @@ class Server:
         self.spki = crypto_utils.spki_der(self.key)
         self.fingerprint = crypto_utils.fingerprint(self.spki)
         slow = crypto_utils.slow_paths(self.key)  # runs the RSA self-check now, not in a handshake
-        if slow:
+        if slow and crypto_utils.PUBLIC_CRYPTO:
+            log.warning(
+                "BCAST_PUBLIC_CRYPTO=1: using pycryptodome's public API for the %s code "
+                "(correct, but handshakes or records cost more CPU)",
+                " and ".join(slow),
+            )
+        elif slow:
             log.warning(
                 "this pycryptodome fails the self-check of the fast %s code; using its "
                 "public API instead (correct, but handshakes or records cost more CPU)",
                 " and ".join(slow),
             )
+        # Bytes the kernel may hold for each client (0: autotuned, not counted).
+        self.send_buffer = kernel_send_buffer(send_buffer_request(settings))
         self.store = open_store(settings.state)
         try:
             self.hub, self.writer = self._load_state(settings)
@@ -190,6 +229,10 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._reaper_wake = threading.Event()
         self._stopped = threading.Event()
+        self._refusal_log = limits.LogThrottle()  # accept thread only
+        self._closed = 0  # sockets closed so far (any thread; a lost count only delays a trim)
+        self._closed_at_trim = 0  # reaper only, as is:
+        self._trimmed_at = time.monotonic()
 
     def _load_state(self, settings: Settings) -> tuple[Hub, StateWriter]:
         """§5/§6: bindings, bans, kept messages and the id floor from the store."""
@@ -204,16 +247,30 @@ class Server:
         floor = self.store.load_id_floor()
         reserved = floor + ID_BLOCK
         self.store.reserve_ids(reserved)  # before any id is handed out: none is ever reused
-        kept = self.store.load_messages(settings.history) if settings.history else []
+        last = self.store.load_run_state()
+        if not last.clean:  # after a crash, any id up to the floor may have been handed out
+            last = RunState(floor, floor, False)
+        self.store.save_run_state(RunState(last.last_id, last.forgotten, False))
+        # One more than kept: if it exists, it and all before it are forgotten (§6 gap).
+        kept = self.store.load_messages(settings.history + 1)
+        forgotten = last.forgotten
+        if len(kept) > settings.history:
+            forgotten = max(forgotten, kept[0].id)
+            kept = kept[1:]
         hub = Hub(
             settings.max_clients,
-            settings.max_pending,
+            settings.max_pending - self.send_buffer,  # what the kernel holds counts too
             settings.rate,
             max_text=settings.max_text,
+            max_record=MAX_RECORD_BYTES,
+            max_unjoined_per_ip=settings.max_unjoined_per_ip,
+            connect_rate_per_ip=settings.connect_rate_per_ip,
             access=access,
             history=settings.history,
             kept=kept,
             first_id=floor + 1,
+            last_id=last.last_id,
+            forgotten=forgotten,
         )
         return hub, StateWriter(self.store, hub, settings.history, reserved)
 
@@ -247,6 +304,9 @@ class Server:
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        request = send_buffer_request(self.settings)
+        if request:  # accepted sockets inherit it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, request)
         try:
             sock.bind((self.settings.host, self.settings.port))
             sock.listen(min(socket.SOMAXCONN, 4096))
@@ -302,13 +362,25 @@ class Server:
             self._admit(sock, addr)
 
     def _admit(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        """§2 max_clients and the per-source limits (limits.py): admit, or refuse."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Conn(sock, addr, time.monotonic())
-        if not self.hub.admit(conn):
-            limit = self.settings.max_clients
-            log.info("refused %s: the server is full (%d connections)", conn.peer, limit)
-            refuse(sock, f"the server is full ({limit} connections); try later")
+        now = time.monotonic()
+        conn = Conn(sock, addr, now)
+        verdict = self.hub.admit(conn, now)
+        if not verdict:
+            source = limits.source_of(conn.ip)
+            self._log_throttled(source, now, f"refused {conn.peer}: {verdict.detail}")
+            refuse(sock, verdict.why)
             return
+        victim = verdict.evicted
+        if isinstance(victim, Conn):
+            wake(victim.sock)  # its reader sees it closed (after its key, if deriving one)
+            self._log_throttled(
+                "evictions",
+                now,
+                f"{victim.peer} closed: evicted, the oldest of the unjoined connections, "
+                "which held their whole share of --max-clients",
+            )
         reader = Reader(self, conn)
         thread = threading.Thread(target=reader.run, name=f"reader {conn.peer}", daemon=True)
         try:
@@ -318,6 +390,15 @@ class Server:
             self.close(conn)
         else:
             log.info("connection from %s", conn.peer)
+
+    def _log_throttled(self, source: str, now: float, line: str) -> None:
+        """`line` at INFO, at most once per source per interval, saying how many were not."""
+        noted = self._refusal_log.note(source, now)
+        if noted is None:
+            return
+        shown, silent = noted
+        more = f" (and {silent} more for {shown} since the last such line)" if silent else ""
+        log.info("%s%s", line, more)
 
     def close(self, conn: Conn) -> None:
         """Close the socket once nobody uses it, and forget the connection."""
@@ -329,13 +410,14 @@ class Server:
             pass
         conn.sock.close()
         self.hub.forget(conn)
+        self._closed += 1
 
     def end(self, conn: Conn, reason: str, *, bye: bool, why: str) -> None:
         """End `conn` for `reason`; with `bye`, its flusher sends that first. Logs once."""
         if self.hub.drop(conn, reason, bye=bye):
             level = logging.INFO if reason != "disconnect" or conn.name else logging.DEBUG
             words = REASON_WORDS.get(reason, reason)
-            log.log(level, "%s closed: %s (%s)", conn.describe(), words, why)
+            log.log(level, "%s closed: %s (%s)", conn.describe(), words, clip(why))
 
     # --- timeouts: reaper thread ---
 
@@ -356,6 +438,50 @@ class Server:
                     self.end(conn, "timeout", bye=keyed, why=why)
                     if not keyed:
                         wake(conn.sock)
+            if self._closed != self._closed_at_trim and now - self._trimmed_at >= TRIM_INTERVAL_S:
+                self._closed_at_trim, self._trimmed_at = self._closed, now
+                release_free_memory()
+
+
+def _find_malloc_trim() -> Any:
+    """glibc's malloc_trim (returns the free pages of every arena to the kernel), or None."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the memory that ended connections freed back to the kernel (glibc only)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def send_buffer_request(settings: Settings) -> int:
+    """The SO_SNDBUF to ask for: --send-buffer, at most a quarter of --max-pending
+    (the kernel doubles it, and what it holds is counted in --max-pending)."""
+    return min(settings.send_buffer, settings.max_pending // 4)
+
+
+def kernel_send_buffer(request: int) -> int:
+    """The send buffer the kernel gives a socket that asks for `request` bytes (0: none asked)."""
+    if request <= 0:
+        return 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, request)
+        return probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def clip(text: str, limit: int = LOG_WHY_CHARS) -> str:
+    """A sentence of ours that may quote the peer, as a log line shows it: characters that
+    are not printable escaped, at most `limit` of them (a peer must not flood the log)."""
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)[:limit]
+    return head if len(text) <= limit else f"{head}... ({len(text)} characters)"
 
 
 def refuse(sock: socket.socket, message: str) -> None:
@@ -375,7 +501,7 @@ class Reader:
         self.server = server
         self.hub = server.hub
         self.moderation = server.moderation
-        self.transcript = b""  # §5: what an identity proof signs, once keyed
+        self.handshake: tuple[bytes, bytes, bytes, bytes] | None = None  # §5 proof inputs
         self.settings = server.settings
         self.conn = conn
 
@@ -408,6 +534,8 @@ class Reader:
         while True:
             body = decoder.next_frame()
             if body is not None:
+                # §4 idle: only whole frames count, so a frame begun must end in time
+                conn.last_seen = time.monotonic()
                 return body
             try:
                 data = conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT)
@@ -420,8 +548,8 @@ class Reader:
                 continue
             if not data:
                 raise EOFError
-            conn.last_seen = time.monotonic()
             decoder.feed(data)
+            del data  # not held while waiting in poll(): a parked frame costs R, not R + a read
 
     def _handshake(self, decoder: protocol.FrameDecoder) -> None:
         """§2: hello out, key in, session keys; then the channel is up and a flusher serves it."""
@@ -437,11 +565,9 @@ class Reader:
         k_c2s, k_s2c = crypto_utils.server_keys(
             server.key, server.spki, nonce, eph, key_msg.nonce, key_msg.secret, key_msg.eph
         )
-        self.transcript = crypto_utils.identity_transcript(
-            server.spki, nonce, key_msg.nonce, eph.public, key_msg.eph
-        )
+        self.handshake = (nonce, key_msg.nonce, eph.public, key_msg.eph)
         del eph  # forward secrecy: the private half is gone (exchange() already dropped it)
-        decoder.max_len = protocol.MAX_RECORD_FRAME
+        decoder.max_len = MAX_RECORD_BYTES  # §1: our R, announced in welcome.max_record
         conn.rx = crypto_utils.RecordCipher(k_c2s)
         conn.tx = crypto_utils.RecordCipher(k_s2c)
         outcome = self.hub.keyed(conn)
@@ -472,9 +598,13 @@ class Reader:
                 body = self._recv_frame(decoder)
             except CloseSilently as exc:  # a bad length after key: bye (protocol)
                 raise ByeProtocol(str(exc)) from None
+            if conn.ended:  # dropped (slow, timed out, evicted) or closing: stop here
+                return
             plaintext = conn.rx.open(body)
             for obj in protocol.decode_record(plaintext):
-                if not self._apply(obj):
+                # nothing more of a record runs once its connection is dropped or closing
+                # (a join after replies that got it dropped as slow would leave a ghost)
+                if conn.ended or not self._apply(obj):
                     return
 
     # --- messages ---
@@ -555,7 +685,8 @@ class Reader:
         conn = self.conn
         identity = None
         if msg.identity is not None:
-            if not crypto_utils.verify_identity(msg.identity, msg.proof, self.transcript):
+            transcript = crypto_utils.identity_transcript(self.server.spki, *self.handshake)
+            if not crypto_utils.verify_identity(msg.identity, msg.proof, transcript):
                 raise Refused(
                     "bad_identity", "the identity proof does not verify on this connection"
                 )
@@ -690,6 +821,26 @@ FLAGS: list[tuple[str, Any, Any, str]] = [
         "(default $XDG_DATA_HOME/bcast/state.db)",
     ),
     ("history", int, DEFAULT_HISTORY, "public messages kept for those who ask; 0 keeps none"),
+    (
+        "max-unjoined-per-ip",
+        int,
+        DEFAULT_MAX_UNJOINED_PER_IP,
+        "connections one address (IPv6: one /64) may hold before they join; more get "
+        "server_full; 0 = no limit",
+    ),
+    (
+        "connect-rate-per-ip",
+        float,
+        DEFAULT_CONNECT_RATE_PER_IP,
+        "new connections per second one address may open (bursts of twice that); 0 = no limit",
+    ),
+    (
+        "send-buffer",
+        int,
+        DEFAULT_SEND_BUFFER_BYTES,
+        "kernel send buffer asked for each client (SO_SNDBUF, at most a quarter of "
+        "--max-pending; Linux doubles it), counted in --max-pending; 0 = kernel autotuning",
+    ),
     ("allow", Path, None, "allowlist file: only the identities listed there may join"),
 ]
 
@@ -741,13 +892,17 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         ),
         (args.rate >= 0, "--rate must be 0 (no limit) or more"),
         (
-            1 <= args.max_text <= 48 * 1024,
-            "--max-text must be 1..49152 bytes (a record holds 1 MiB)",
+            1 <= args.max_text <= MAX_TEXT_LIMIT,
+            f"--max-text must be 1..{MAX_TEXT_LIMIT} bytes: the longest say, JSON-escaped "
+            f"(up to 3 bytes per byte of text), must fit a record of {MAX_RECORD_BYTES} bytes",
         ),
         (args.idle_timeout > 0, "--idle-timeout must be positive"),
         (args.handshake_timeout > 0, "--handshake-timeout must be positive"),
         (args.send_timeout > 0, "--send-timeout must be positive"),
         (args.max_pending >= 65536, "--max-pending must be at least 65536 bytes"),
+        (args.max_unjoined_per_ip >= 0, "--max-unjoined-per-ip must be 0 (no limit) or more"),
+        (args.connect_rate_per_ip >= 0, "--connect-rate-per-ip must be 0 (no limit) or more"),
+        (args.send_buffer >= 0, "--send-buffer must be 0 (the kernel's autotuning) or more"),
         (  # argparse checks `choices` for typed flags, not for a default from the environment
             args.log_level in LOG_LEVELS,
             f"--log-level (or BCAST_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}",
@@ -779,6 +934,9 @@ def settings_from_args(argv: list[str] | None) -> Settings:
         handshake_timeout=args.handshake_timeout,
         send_timeout=args.send_timeout,
         max_pending=args.max_pending,
+        max_unjoined_per_ip=args.max_unjoined_per_ip,
+        connect_rate_per_ip=args.connect_rate_per_ip,
+        send_buffer=args.send_buffer,
         log_level=args.log_level,
         state=Path(args.state) if args.state else default_data_file("state.db"),
         history=args.history,
@@ -798,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if not settings.key_file.exists():
+    if not os.path.lexists(settings.key_file):  # a dangling link is refused, not created
         print(f"creating a new server key at {settings.key_file} ...", flush=True)
     try:
         server = Server(settings)

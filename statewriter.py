@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from hub import Hub
-from store import Ban, Binding, Store, StoreError
+from store import Ban, Binding, RunState, Store, StoredMessage, StoreError
 
 log = logging.getLogger("bcast.server")
 
@@ -39,6 +39,8 @@ class StateWriter:
         self._wake = threading.Event()
         self._stopping = False
         self._failing = False  # the last write failed (logged once until it works again)
+        self._saved_ids: tuple[int, int] | None = None  # the ids last saved in the run state
+        self._retry: list[StoredMessage] = []  # a batch that failed, tried again next time
         self._thread = threading.Thread(target=self._run, name="state writer", daemon=True)
 
     def start(self) -> None:
@@ -61,6 +63,9 @@ class StateWriter:
             self._thread.join()
         else:
             self._flush()
+        last_id, forgotten = self._hub.ids()
+        state = RunState(last_id, forgotten, True)
+        self._attempt(lambda store: store.save_run_state(state), quiet=True)
         try:
             self._store.close()
         except StoreError as exc:
@@ -83,19 +88,31 @@ class StateWriter:
             jobs, self._jobs = self._jobs, deque()
         for job in jobs:
             self._attempt(job)
-        batch = self._hub.unsaved()
+        # A batch that failed is tried again with the next (the newest `keep` of them).
+        batch = (self._retry + self._hub.unsaved())[-self._keep :] if self._keep else []
         if batch:
-            self._attempt(lambda store: store.append_messages(batch, self._keep))
-        last = self._hub.last_id()
+            saved = self._attempt(lambda store: store.append_messages(batch, self._keep))
+            self._retry = [] if saved else batch
+        ids = self._hub.ids()
+        last = ids[0]
         if last > self._reserved - ID_BLOCK // 2:
             upto = max(last, self._reserved) + ID_BLOCK
             if self._attempt(lambda store: store.reserve_ids(upto)):
                 self._reserved = upto
+        if ids != self._saved_ids:
+            state = RunState(ids[0], ids[1], False)
+            if self._attempt(lambda store: store.save_run_state(state), quiet=True):
+                self._saved_ids = ids
 
-    def _attempt(self, job: Callable[[Store], None]) -> bool:
+    def _attempt(self, job: Callable[[Store], None], quiet: bool = False) -> bool:
+        """Run one write; log a failure once, and when writes work again. A `quiet` job
+        (the small run-state record) neither logs nor counts as working again."""
         try:
             job(self._store)
         except StoreError as exc:
+            if quiet:
+                log.debug("%s", exc)
+                return False
             if not self._failing:
                 log.error(
                     "%s; history, bindings and bans are not saved until it works again "
@@ -107,7 +124,7 @@ class StateWriter:
         except ValueError as exc:  # a bug of ours (e.g. a binding clash): loud, not fatal
             log.exception("the state store refused a write: %s", exc)
             return False
-        if self._failing:
+        if self._failing and not quiet:
             log.warning("the state file works again: history, bindings and bans are saved")
             self._failing = False
         return True

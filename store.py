@@ -55,6 +55,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE id_floor (one INTEGER PRIMARY KEY CHECK (one = 1), value INTEGER NOT NULL)",
         "INSERT INTO id_floor VALUES (1, 0)",
     ),
+    (
+        # §6 welcome.last_id and gap after a restart: the highest id handed out, the highest
+        # message id no longer kept, and whether the last run stopped cleanly (after a crash
+        # both are unknown above the id floor).
+        """CREATE TABLE run_state (one INTEGER PRIMARY KEY CHECK (one = 1),
+            last_id INTEGER NOT NULL, forgotten INTEGER NOT NULL, clean INTEGER NOT NULL)""",
+        "INSERT INTO run_state VALUES (1, 0, 0, 1)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -85,6 +93,15 @@ class Ban:
 
 
 @dataclass(frozen=True)
+class RunState:
+    """Where the last run left the ids (§6): see Store.save_run_state."""
+
+    last_id: int  # the highest id it handed out (to a message or a dm)
+    forgotten: int  # the highest message id it no longer kept
+    clean: bool  # it stopped cleanly; else ids up to the floor may have been handed out
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     """A kept message (§6): its id and the exact JSON bytes of the `message` as delivered."""
 
@@ -112,6 +129,10 @@ class Store(Protocol):
     def load_id_floor(self) -> int: ...
 
     def reserve_ids(self, upto: int) -> None: ...
+
+    def load_run_state(self) -> RunState: ...
+
+    def save_run_state(self, state: RunState) -> None: ...
 
     def close(self) -> None: ...
 
@@ -276,6 +297,23 @@ class SqliteStore:
             "write to",
             lambda c: c.execute("UPDATE id_floor SET value = MAX(value, ?)", (upto,)),
             durable=True,
+        )
+
+    def load_run_state(self) -> RunState:
+        row = self._run(
+            "read",
+            lambda c: c.execute("SELECT last_id, forgotten, clean FROM run_state").fetchone(),
+        )
+        return RunState(int(row[0]), int(row[1]), bool(row[2]))
+
+    def save_run_state(self, state: RunState) -> None:
+        """Record where ids stand; `clean` only at a clean stop (the start clears it)."""
+        self._run(
+            "write to",
+            lambda c: c.execute(
+                "UPDATE run_state SET last_id = ?, forgotten = ?, clean = ?",
+                (state.last_id, state.forgotten, int(state.clean)),
+            ),
         )
 
     def close(self) -> None:

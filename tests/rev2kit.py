@@ -69,7 +69,9 @@ class Room:
 
 @contextlib.contextmanager
 def room_of(server: Any) -> Iterator[Room]:
-    room = Room(server.address)
+    host, port = server.address[0], server.address[1]
+    # a dual-stack listener (::) is reached over IPv4 loopback, as the sources are IPv4
+    room = Room(("127.0.0.1" if host in ("::", "0.0.0.0") else host, port))
     try:
         yield room
     finally:

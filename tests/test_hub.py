@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 import hub as hubmod
 import protocol
-from hub import Conn, Hub, Phase
+from conn import TRANSITIONS, Conn, Phase
+from delivery import Delivery, FlushSlot
+from hub import Hub
 
 
 class FakeSock:
     """The hub stores a socket but never uses it."""
 
 
-def keyed_conn(hub: Hub, slot: hubmod.FlushSlot, port: int) -> Conn:
+def keyed_conn(hub: Hub, slot: FlushSlot, port: int) -> Conn:
     conn = Conn(FakeSock(), ("127.0.0.1", port), 0.0)  # type: ignore[arg-type]
     assert hub.admit(conn)
     assert hub.key_read(conn)
@@ -38,13 +41,13 @@ def request(name: str, identity: str | None = None, **fields) -> hubmod.JoinRequ
     )
 
 
-def joined_conn(hub: Hub, slot: hubmod.FlushSlot, name: str, port: int, **fields) -> Conn:
+def joined_conn(hub: Hub, slot: FlushSlot, name: str, port: int, **fields) -> Conn:
     conn = keyed_conn(hub, slot, port)
     assert hub.join(conn, request(name, **fields)).outcome == "ok"
     return conn
 
 
-def drain(hub: Hub, conn: Conn, slot: hubmod.FlushSlot) -> list[dict]:
+def drain(hub: Hub, conn: Conn, slot: FlushSlot) -> list[dict]:
     """Everything due to `conn`, as message objects (what its flusher would send)."""
     out: list[dict] = []
     while True:
@@ -60,7 +63,7 @@ def say(hub: Hub, conn: Conn, text: str) -> tuple[str, list[Conn]]:
 
 
 @pytest.fixture
-def hub_slot() -> tuple[Hub, hubmod.FlushSlot]:
+def hub_slot() -> tuple[Hub, FlushSlot]:
     hub = Hub(max_clients=10, max_pending=65536, rate=0)
     return hub, hub.add_slot(lambda: None)
 
@@ -82,7 +85,7 @@ def test_every_phase_can_end() -> None:
         while todo:
             p = todo.pop()
             seen.add(p)
-            todo += [q for q in hubmod.TRANSITIONS[p] if q not in seen]
+            todo += [q for q in TRANSITIONS[p] if q not in seen]
         assert Phase.CLOSED in seen
 
 
@@ -90,7 +93,9 @@ def test_internals_assert_the_lock(hub_slot) -> None:
     """Lock discipline: a method that needs the lock fails loudly without it."""
     hub, _ = hub_slot
     with pytest.raises(AssertionError, match="lock must be held"):
-        hub._append(b"x,")
+        hub._compact()
+    with pytest.raises(AssertionError, match="lock must be held"):
+        Delivery(threading.Lock(), 65536).append(b"{}")
 
 
 def test_join_say_who_leave(hub_slot) -> None:

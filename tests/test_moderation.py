@@ -326,11 +326,6 @@ def test_who_and_whois_take_rate_tokens(op_room) -> None:
         assert code_of(ask(bob, {"type": "whois", "name": "nobody"})) == "unknown_user"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug 3 (/work/notes/server-bugs.md): on a dual-stack listener Conn.ip "
-    "keeps the IPv4-mapped form ::ffff:a.b.c.d",
-)
 def test_ipv4_mapped_address_written_as_ipv4(op_room) -> None:
     """§5: addresses are the peer's IPv4 dotted quad or RFC 5952 IPv6 form, an IPv4-mapped
     address as IPv4 (a server listening on :: sees IPv4 clients as ::ffff:a.b.c.d); whois,

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from netutil import RECV_S
 from refpeer import RefPeer
 
 import crypto_utils
 import server
 
-WAIT_S = 5.0
+WAIT_S = RECV_S
 
 
 def run_server_py(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -201,6 +202,12 @@ def test_open_file_limit_raised_and_shortfall_reported(
         assert warnings == []
 
 
+fast_paths_only = pytest.mark.skipif(
+    crypto_utils.PUBLIC_CRYPTO, reason="BCAST_PUBLIC_CRYPTO=1 turns the fast paths off"
+)
+
+
+@fast_paths_only
 def test_no_warning_when_every_fast_path_is_in_use(
     run_server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -211,6 +218,7 @@ def test_no_warning_when_every_fast_path_is_in_use(
     assert not [r for r in caplog.records if "self-check" in r.getMessage()]
 
 
+@fast_paths_only
 def test_warns_once_at_start_when_a_fast_path_falls_back(
     run_server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -230,6 +238,7 @@ def test_warns_once_at_start_when_a_fast_path_falls_back(
     ]
 
 
+@fast_paths_only
 def test_slow_paths_names_each_fallback(server_key, monkeypatch: pytest.MonkeyPatch) -> None:
     assert crypto_utils.slow_paths(server_key) == []
     monkeypatch.setattr(crypto_utils, "GCM_IMPL", crypto_utils._StandardGcm)
@@ -253,3 +262,14 @@ def test_missing_pycryptodome_is_one_sentence_exit_2() -> None:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "pycryptodome" in done.stderr and "requirements.txt" in done.stderr
+
+
+@pytest.mark.skipif(not crypto_utils.PUBLIC_CRYPTO, reason="run with BCAST_PUBLIC_CRYPTO=1")
+def test_public_crypto_is_named_at_start(run_server, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11: BCAST_PUBLIC_CRYPTO=1 forces the public API; the start-up warning says so
+    and names every path, and chat works."""
+    caplog.set_level(logging.WARNING, logger="bcast.server")
+    with run_server() as srv, RefPeer.connect(*srv.address, timeout=WAIT_S) as peer:
+        assert peer.join("public")["type"] == "welcome"
+    warnings = [r.getMessage() for r in caplog.records if "BCAST_PUBLIC_CRYPTO" in r.getMessage()]
+    assert len(warnings) == 1 and "RSA-OAEP" in warnings[0] and "X25519" in warnings[0]

@@ -158,7 +158,7 @@ def test_newer_schema_refused(tmp_path: Path):
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match=r"has schema version 99, newer than this server's 1;"):
+    with pytest.raises(StoreError, match=r"has schema version 99, newer than this server's 2;"):
         open_store(path)
 
 
@@ -525,3 +525,15 @@ def test_eight_threads_appending_at_once(tmp_path: Path):
         assert stored == sorted(stored, key=lambda m: m.id)
         assert all(m.entry == entry(m.id) for m in stored)
         assert len(again.load_bans(now_ms=0)) == 8 * 25
+
+
+def test_run_state_round_trip(tmp_path: Path):
+    """§6: where ids stood (last id, forgotten id, clean stop) survives close and reopen."""
+    from store import RunState
+
+    path = tmp_path / "state.db"
+    with open_store(path) as store:
+        assert store.load_run_state() == RunState(0, 0, True)  # a new file: nothing yet
+        store.save_run_state(RunState(41, 7, False))
+    with open_store(path) as store:
+        assert store.load_run_state() == RunState(41, 7, False)
