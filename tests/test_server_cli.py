@@ -66,6 +66,32 @@ def test_environment_fallbacks_and_defaults(monkeypatch: pytest.MonkeyPatch) -> 
     assert server.settings_from_args(["--max-text", "100"]).max_text == 100
 
 
+def test_state_history_allow_and_op_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """§5/§6 server options: --state, --history, --allow, --op (repeatable; BCAST_OP holds
+    several, space-separated), with their defaults."""
+    for name in list(os.environ):
+        if name.startswith("BCAST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", "/tmp/xdg-data-for-test")
+    defaults = server.settings_from_args([])
+    assert defaults.state == Path("/tmp/xdg-data-for-test/bcast/state.db")
+    assert (defaults.history, defaults.allow, defaults.ops) == (100, None, ())
+    ana, bob = "SHA256:" + "A" * 43, "SHA256:" + "B" * 43
+    monkeypatch.setenv("BCAST_OP", f"{ana} {bob}")
+    monkeypatch.setenv("BCAST_HISTORY", "0")
+    from_env = server.settings_from_args([])
+    assert (from_env.ops, from_env.history) == ((ana, bob), 0)
+    given = server.settings_from_args(
+        ["--op", bob, "--state", "/tmp/s.db", "--allow", "/tmp/allow", "--history", "5"]
+    )
+    assert (given.ops, given.state, given.allow, given.history) == (
+        (bob,),
+        Path("/tmp/s.db"),
+        Path("/tmp/allow"),
+        5,
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "words"),
     [
@@ -73,6 +99,8 @@ def test_environment_fallbacks_and_defaults(monkeypatch: pytest.MonkeyPatch) -> 
         ({"BCAST_PORT": "twelve"}, "--port"),
         ({"BCAST_PORT": "70000"}, "--port"),
         ({"BCAST_MAX_PENDING": "10"}, "--max-pending"),
+        ({"BCAST_OP": "SHA256:short"}, "--op"),
+        ({"BCAST_HISTORY": "-1"}, "--history"),
         ({"BCAST_MAX_CLIENTS": "9000"}, "--max-clients"),  # a welcome could not list them all
     ],
 )
