@@ -58,7 +58,7 @@ def summarize(path: Path, top: int) -> tuple[int, list[tuple[str, int, int]]]:
 
 
 def _function(frame: str) -> str:
-    """'_take (hub.py:960)' -> 'hub.py:_take'; the line is dropped."""
+    """'take (delivery.py:272)' -> 'delivery.py:take'; the line is dropped."""
     found = FRAME_RE.match(frame)
     if not found:
         return frame
