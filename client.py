@@ -28,6 +28,7 @@ import codecs
 import contextlib
 import os
 import queue
+import random
 import re
 import select
 import signal
@@ -45,9 +46,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from protocol import (
+    MAX_CLIENT_RECORD_MESSAGES,
     MAX_HANDSHAKE_FRAME,
+    MAX_MINUTES,
+    MAX_REASON_BYTES,
     MAX_RECORD_FRAME,
     MAX_RECORD_PLAINTEXT,
+    Ban,
+    BanList,
+    Bans,
     Bye,
     ClientMessage,
     DirectMessage,
@@ -58,16 +65,22 @@ from protocol import (
     Join,
     Joined,
     KeyExchange,
+    Kick,
     Leave,
     Left,
     Message,
+    Mute,
+    Muted,
     Ping,
     ProtocolError,
     Say,
     ServerMessage,
+    Unban,
     Users,
     Welcome,
     Who,
+    Whois,
+    WhoisInfo,
     decode_record,
     encode_client_message,
     encode_frame,
@@ -91,7 +104,17 @@ MISSING_CRYPTO = (
     "`. .venv/bin/activate` in each new terminal, or run `.venv/bin/python client.py`\n"
 )
 try:
-    from crypto_utils import CryptoError, RecordCipher, client_keys, fingerprint
+    from crypto_utils import (
+        CryptoError,
+        RecordCipher,
+        client_keys,
+        fingerprint,
+        identity_fingerprint,
+        identity_public,
+        identity_transcript,
+        load_or_create_identity,
+        sign_identity,
+    )
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] != "Crypto":
         raise
@@ -112,6 +135,12 @@ INBOX_MESSAGES = 1000  # read but not shown yet; past it the reader stops readin
 OUTBOX_LINES = 100  # typed but not sent yet; past it a pipe waits, a person is told
 HISTORY_LINES = 500  # lines Up and Down recall
 ESC_WAIT_S = 0.05  # an ESC with nothing after it for this long is the Escape key itself
+RECONNECT_FIRST_S = 1.0  # §6 Resume: the first wait after a lost connection, doubled each try
+RECONNECT_MAX_S = 30.0  # ... up to this
+RECONNECT_GIVE_UP_S = 300  # a pipe (a script) gives up after this long without a connection
+REPLAY_IDLE_S = 0.3  # replayed history then nothing for this long: the live part begins
+HISTORY_DEFAULT = 50  # earlier messages shown on joining, on a terminal (a pipe: none)
+MAX_HISTORY = 1_000_000  # --history past this is a typo
 MAX_SANE_RATE = 1_000_000  # a welcome.rate above this is treated as no limit at all
 EXIT_OK, EXIT_LOST, EXIT_USAGE = 0, 1, 2
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")  # 32 bytes, unpadded base64
@@ -128,6 +157,11 @@ class ClientError(Exception):
 
 class ConnectionLost(ClientError):
     """The connection is gone or unusable: refused, closed, tampered or malformed."""
+
+
+class ServerFault(ConnectionLost):
+    """The server broke the protocol (a record that does not open, a malformed record or
+    frame): reconnecting to it would not mend that, so the chat ends."""
 
 
 class JoinRefused(ClientError):
@@ -468,6 +502,9 @@ class Style:
         self.colour = colour
         self.multiline = multiline  # a terminal: newlines kept (wrapped); a pipe: escaped
         self.me = me
+        # name_key of everyone whose join (or whois) carried a proven identity (§5): marked
+        # with a check on a terminal. The chat's network thread adds and removes them.
+        self.verified: set[str] = set()
 
     @property
     def me(self) -> str:
@@ -484,7 +521,8 @@ class Style:
 
     def name(self, raw: str) -> str:
         code = _NAME_COLOURS[zlib.crc32(raw.casefold().encode("utf-8", "replace")) % 12]
-        return self.paint(sanitize(raw), f"1;{code}" if raw == self.me else str(code))
+        shown = self.paint(sanitize(raw), f"1;{code}" if raw == self.me else str(code))
+        return shown + VERIFIED if self.multiline and name_key(raw) in self.verified else shown
 
     def clock(self, ts_ms: int | None = None) -> str:
         when = clock_time(ts_ms)
@@ -539,6 +577,43 @@ class Style:
         listed = ", ".join(self.name(n) for n in names)
         return Line(f"{head} {listed}", text_width(head) + 1, ts=now_ms())
 
+    def whois(self, info: WhoisInfo) -> Line:
+        """The answer to /whois: identity, operator, since when (and from where, for ops)."""
+        who = f"identity {sanitize(info.identity)}" if info.identity else "no identity (a guest)"
+        parts = [who, "an operator" if info.op else "not an operator"]
+        parts.append(f"here since {when_words(info.since)}")
+        if info.address:
+            parts.append(f"from {sanitize(info.address)}")
+        head = f"{self.clock()} {self.name(info.name)}:"
+        return Line(f"{head} {'; '.join(parts)}", text_width(head) + 1, ts=now_ms())
+
+    def bans(self, msg: BanList) -> Line:
+        if not msg.bans:
+            return Line(f"{self.clock()} no bans in force", 11, ts=now_ms())
+        rows = [f"{self.clock()} bans in force ({len(msg.bans)}):"]
+        for ban in msg.bans:
+            until = "until unbanned" if ban.until is None else f"until {when_words(ban.until)}"
+            why = f": {sanitize(ban.reason)}" if ban.reason else ""
+            rows.append(f"  {sanitize(ban.who)} {until}, by {self.name(ban.by)}{why}")
+        return Line("\n".join(rows), 4, ts=now_ms())
+
+    def muted(self, msg: Muted) -> Line:
+        """§5: to the muted client (no `name`), or the operator's acknowledgement."""
+        until = None if msg.until is None else when_words(msg.until)
+        if msg.name is None:
+            words = (
+                f"{self.name(msg.by)} lifted your mute"
+                if until is None
+                else f"you are muted by {self.name(msg.by)} until {until}"
+            )
+        else:
+            words = (
+                f"{self.name(msg.name)} is no longer muted"
+                if until is None
+                else f"{self.name(msg.name)} is muted until {until}"
+            )
+        return Line(f"{self.clock()} {words}", 11, ts=now_ms())
+
     def status(self, text: str) -> Line:
         return Line(self.paint(f"* {text}", "2"), 2, status=True)
 
@@ -559,6 +634,12 @@ class Style:
             return self.users(msg.names)
         if isinstance(msg, Error):
             return self.problem(error_sentence(msg))
+        if isinstance(msg, WhoisInfo):
+            return self.whois(msg)
+        if isinstance(msg, BanList):
+            return self.bans(msg)
+        if isinstance(msg, Muted):
+            return self.muted(msg)
         return None  # pong, bye and unknown types are handled elsewhere or ignored
 
 
@@ -579,6 +660,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+VERIFIED = "✓"  # after a name whose identity the server verified (§5)
+
+
+def when_words(ts_ms: int) -> str:
+    """A moment as `14:02:11` today, else `5 December 14:02`."""
+    when, today = clock_time(ts_ms), clock_time(None)
+    if when is None:
+        return "an unknown time"
+    if today is not None and when[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", when)
+    return f"{when.tm_mday} {time.strftime('%B %H:%M', when)}"
+
+
 # --- pacing (§4 Rate limit) ---
 
 
@@ -596,6 +690,13 @@ class Pacer:
         self.tokens = float(self.capacity)
         self.clock = clock
         self.stamp = clock()
+
+    def ready(self) -> bool:
+        """Whether a token is there now (take() would not wait)."""
+        if self.refill == 0:
+            return True
+        now = self.clock()
+        return min(self.capacity, self.tokens + (now - self.stamp) * self.refill) >= 1.0
 
     def take(self) -> float:
         """Take one token; returns how long to sleep first (0 when one is there)."""
@@ -830,14 +931,12 @@ class Session:
             plain = self._rx.open(body)
         except CryptoError as exc:  # §3: close at once, no bye, do not try the next one
             self._shutdown()
-            raise ConnectionLost(
-                f"a record from the server failed to open ({exc}); closed"
-            ) from None
+            raise ServerFault(f"a record from the server failed to open ({exc}); closed") from None
         try:  # the server's batches are not limited to 64 messages (§3)
             msgs = [parse_server_message(obj) for obj in decode_record(plain, None)]
         except ProtocolError as exc:
             self._shutdown()
-            raise ConnectionLost(f"the server sent a malformed record ({exc}); closed") from None
+            raise ServerFault(f"the server sent a malformed record ({exc}); closed") from None
         for msg in msgs:
             if isinstance(msg, Bye):
                 self._bye = msg
@@ -916,7 +1015,7 @@ def _read_frame(
         try:
             body = decoder.next_frame()
         except ProtocolError as exc:
-            raise ConnectionLost(f"the server sent a bad frame ({exc}); closed") from None
+            raise ServerFault(f"the server sent a bad frame ({exc}); closed") from None
         if body is not None:
             return body
         try:
@@ -944,33 +1043,49 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "msg": Command("/msg NAME TEXT", "a direct message to NAME only (also /dm, /query)"),
+    "me": Command("/me TEXT", "an action, shown as * you TEXT"),
     "who": Command("/who", "who is here (also /names)"),
+    "whois": Command("/whois NAME", "NAME's identity, operator or not, here since when"),
     "bell": Command("/bell off|mentions|all", "when the terminal bell rings"),
     "clear": Command("/clear", "clear the screen"),
     "help": Command("/help", "this list"),
-    "quit": Command("/quit", "leave (also /q, exit, Ctrl-D)"),
+    "quit": Command("/quit", "leave (also /q, exit)"),
+    "kick": Command("/kick NAME [REASON]", "close NAME's connection", op=True),
+    "ban": Command(
+        "/ban NAME [MINUTES] [REASON]",
+        "kick NAME and refuse them (for good if no MINUTES)",
+        op=True,
+    ),
+    "unban": Command("/unban WHO", "lift a ban (WHO as /bans lists it)", op=True),
+    "bans": Command("/bans", "the bans in force", op=True),
+    "mute": Command("/mute NAME MINUTES", "NAME's messages are refused (0 lifts it)", op=True),
 }
 ALIASES = {"dm": "msg", "query": "msg", "names": "who", "q": "quit", "exit": "quit", "?": "help"}
-NAME_FIRST = frozenset({"msg"})  # commands whose first word is a user's name (Tab completes)
+# Commands whose first word is a user's name (Tab completes it).
+NAME_FIRST = frozenset({"msg", "whois", "kick", "ban", "mute"})
+BARE = frozenset({"who", "help", "quit", "clear", "bans"})  # commands that take nothing
 
 
 def help_rows(op: bool) -> list[str]:
     """/help: the commands (operator commands only for operators), then the keys."""
     rows = ["commands (in upper or lower case):", f"  {'TEXT':<24}say TEXT to everyone"]
     rows.append(f"  {'@NAME in TEXT':<24}mention NAME (highlighted for them; still public)")
-    for cmd in COMMANDS.values():
-        if not cmd.op or op:
-            rows.append(f"  {cmd.usage:<24}{cmd.help}")
+    rows += [f"  {cmd.usage:<24}{cmd.help}" for cmd in COMMANDS.values() if not cmd.op]
     rows.append(f"  {'//TEXT':<24}say TEXT that starts with a slash")
+    if op:
+        rows.append("operator commands:")
+        rows += [f"  {cmd.usage:<24}{cmd.help}" for cmd in COMMANDS.values() if cmd.op]
     rows.append("keys: Tab completes names and commands; Up/Down recall earlier lines;")
-    rows.append("      Ctrl-C clears the line, or leaves on an empty one; Ctrl-D leaves;")
+    rows.append("      Ctrl-C clears the line; Ctrl-C or Ctrl-D on an empty line leaves;")
     rows.append("      Ctrl-L redraws the screen")
     return rows
 
 
 def parse_line(line: str) -> tuple[Any, ...]:
-    """What a typed line means: ("say", text), ("dm", to, text), ("who",), ("help",),
-    ("quit",), ("clear",), ("bell", mode), ("hint", why) or ("skip",)."""
+    """What a typed line means: ("say", text), ("action", text), ("dm", to, text), ("who",),
+    ("whois", name), ("kick", name, reason), ("ban", name, minutes, reason), ("unban",
+    who), ("bans",), ("mute", name, minutes), ("help",), ("quit",), ("clear",), ("bell",
+    mode), ("hint", why) or ("skip",)."""
     stripped = line.strip()
     if not stripped:
         return ("skip",)
@@ -981,25 +1096,44 @@ def parse_line(line: str) -> tuple[Any, ...]:
     if not line.startswith("/"):
         return ("say", line)
     word, _, rest = stripped.partition(" ")
-    name = word[1:].lower()
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(word[1:].lower(), word[1:].lower())
     cmd = COMMANDS.get(name)
     if cmd is None:
         shown = sanitize(word)
         return ("hint", f"unknown command {shown}: /help lists the commands (//TEXT sends text)")
-    rest = rest.strip()
+    parsed = _arguments(name, rest.strip())
+    return parsed if parsed is not None else ("hint", f"usage: {cmd.usage}")
+
+
+def _arguments(name: str, rest: str) -> tuple[Any, ...] | None:
+    """The command's arguments, or None when they do not fit its usage."""
+    first, _, more = rest.partition(" ")
+    more = more.lstrip(" ")
+    if name in BARE:
+        return None if rest else (name,)
     if name == "msg":
-        to, _, text = rest.partition(" ")
-        if not to or not text.strip():
-            return ("hint", f"usage: {cmd.usage}")
-        return ("dm", to, text.lstrip(" "))
+        return ("dm", first, more) if first and more.strip() else None
+    if name == "me":
+        return ("action", rest) if rest else None
     if name == "bell":
-        if rest.lower() not in BELL_MODES:
-            return ("hint", f"usage: {cmd.usage}")
-        return ("bell", rest.lower())
-    if rest and name in ("who", "help", "quit", "clear"):
-        return ("hint", f"usage: {cmd.usage} (it takes nothing after it)")
-    return (name,)
+        return ("bell", rest.lower()) if rest.lower() in BELL_MODES else None
+    if name in ("whois", "unban"):
+        return (name, rest) if rest and " " not in rest else None
+    if not first:
+        return None
+    if name == "kick":
+        return ("kick", first, more or None)
+    minutes_word, _, reason = more.partition(" ")
+    digits = minutes_word.isdigit() and minutes_word.isascii()
+    minutes = int(minutes_word) if digits else None  # §5: at most a year (MAX_MINUTES)
+    if name == "mute":
+        fits = minutes is not None and minutes <= MAX_MINUTES and not reason.strip()
+        return ("mute", first, minutes) if fits else None
+    if minutes is None:  # ban: no number means until unbanned, the rest is the reason
+        return ("ban", first, None, more or None)
+    if not 0 < minutes <= MAX_MINUTES:
+        return None
+    return ("ban", first, minutes, reason.strip() or None)
 
 
 # --- input and output ---
@@ -1072,7 +1206,14 @@ class Pipe(_Waker):
             except (OSError, ValueError):
                 pass  # a broken stream must not take the session down
 
-    def read_line(self, prompt: str = "", completer: Any = None) -> str | None:
+    def wait_woken(self) -> str:
+        """Block until `wake`; its reason."""
+        while self._reason is None:
+            select.select([self._wake_r], [], [])
+            self._drain_wake()
+        return self._reason
+
+    def read_line(self, prompt: str | None = None, completer: Any = None) -> str | None:
         """The next input line without its end; None at end of input."""
         while b"\n" not in self._buf and not self._eof:
             ready, _, _ = select.select([self.fd, self._wake_r], [], [])
@@ -1397,13 +1538,19 @@ class Console(_Waker):
 
     # -- input --
 
-    def read_line(self, prompt: str = PROMPT, completer: Completer | None = None) -> str | None:
+    def read_line(
+        self, prompt: str | None = PROMPT, completer: Completer | None = None
+    ) -> str | None:
         """One line as typed (Enter); None to leave (Ctrl-D, or Ctrl-C on an empty line).
 
+        `prompt` None keeps the current one (set_prompt may change it meanwhile).
         Raises Woken when another thread or a signal interrupts it.
         """
         with self._lock:
-            self._prompt, self._completer, self._active = prompt, completer, True
+            if prompt is not None and prompt != self._prompt:
+                self._erase()
+                self._prompt = prompt
+            self._completer, self._active = completer, True
             if not self._drawn:
                 self._draw()
             self._flush()
@@ -1569,20 +1716,20 @@ class Outbox:
             self._cond.notify_all()
             return True
 
-    def get(self) -> ClientMessage | None:
-        """The next message to send (then `done`); None once closed and empty."""
+    def take(self, most: int) -> list[ClientMessage]:
+        """Up to `most` messages to send, waiting for the first (then `done` for each);
+        [] once closed and empty."""
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
-            if not self._items:
-                return None
-            self._busy += 1
+            taken = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+            self._busy += len(taken)
             self._cond.notify_all()
-            return self._items.popleft()
+            return taken
 
-    def done(self) -> None:
+    def done(self, count: int) -> None:
         with self._cond:
-            self._busy -= 1
+            self._busy -= count
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -1606,27 +1753,95 @@ class Outbox:
             return len(self._items) + self._busy
 
 
-class Chat:
-    """The conversation: shows what arrives, sends what is typed, knows who is here."""
+def default_identity() -> Path:
+    """$XDG_DATA_HOME/bcast/identity.pem, i.e. ~/.local/share/bcast/identity.pem."""
+    base = os.environ.get("XDG_DATA_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "bcast" / "identity.pem"
 
-    def __init__(self, io: Console | Pipe, style: Style, session: Session, bell: str):
+
+class Joiner:
+    """How to (re)connect: the server and its pin check, our identity (§5) and how much
+    history to ask for (§6)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        verify: Callable[[str], None],
+        identity: Any = None,
+        history: int = 0,
+    ):
+        self.host, self.port, self.verify = host, port, verify
+        self.identity = identity  # an Ed25519 key, or None for a guest
+        self.history = history
+
+    def open(self) -> Session:
+        return Session.open(self.host, self.port, self.verify)
+
+    def join(self, session: Session, name: str, since: int | None = None) -> Welcome:
+        """Join as `name`, proving our identity on this connection (§5); `since` resumes
+        (§6: every kept message after it), else `history` asks for the latest ones."""
+        identity = proof = None
+        if self.identity is not None:
+            session.prepare_keys()
+            hello = session.hello
+            transcript = identity_transcript(
+                hello.key, hello.nonce, session.client_nonce, hello.eph, session.client_eph
+            )
+            identity = identity_public(self.identity)
+            proof = sign_identity(self.identity, transcript)
+        history = None if since is not None else self.history
+        name = unicodedata.normalize("NFKC", name)
+        return session.join(Join(name, identity, proof, history=history, since=since))
+
+
+# A `bye` after which reconnecting would be wrong (§6 Resume).
+NO_RESUME = frozenset({"leave", "kicked", "banned", "not_allowed", "replaced"})
+RATED = (Say, Dm, Who, Whois)  # §4: each takes a rate token
+
+
+class Chat:
+    """The conversation across connections: shows what arrives, sends what is typed, knows
+    who is here, reconnects when the connection is lost (§6 Resume)."""
+
+    def __init__(
+        self,
+        io: Console | Pipe,
+        style: Style,
+        joiner: Joiner,
+        session: Session,
+        bell: str,
+        follow: bool = False,
+    ):
         assert session.welcome is not None
         self.io = io
         self.style = style
-        self.session = session
-        self.welcome = session.welcome
+        self.joiner = joiner
+        self.session = session  # (lock) replaced on reconnect by the network thread
+        self.welcome = session.welcome  # (lock) idem
+        self.name = self.welcome.name
         self.bell = bell
+        self.follow = follow
         self.outbox = Outbox(OUTBOX_LINES)
-        self._pacer = Pacer(self.welcome.rate)  # the sender's alone
-        self._lock = threading.Lock()  # guards _users, lines and undelivered
-        self._users = {name_key(n): n for n in self.welcome.users}
-        self.lines = 0  # non-empty lines read (pipe mode reports what was not delivered)
-        self.undelivered = 0  # refused here, or answered by an error
+        self._pacer = Pacer(self.welcome.rate)  # (lock) replaced with the session
+        self._online = threading.Event()  # a joined session is there to send on
+        self._online.set()
+        self._lock = threading.Lock()  # guards the (lock) fields
+        self._users = {name_key(n): n for n in self.welcome.users}  # (lock)
+        self.lines = 0  # (lock) non-empty lines read (a pipe reports what was not delivered)
+        self.undelivered = 0  # (lock) refused here, or answered by an error
+        self._since = self.welcome.last_id  # the highest id seen: where a resume starts (§6)
+        self._sent: deque[str] = deque(maxlen=200)  # my says sent: a replay of one is dropped
+        self._replaying = False  # network thread: showing messages marked history
+        self._offline_said = False  # main thread: told once per outage that lines wait
         self._leaving = False  # set before `leave` is sent: the end that follows is normal
+        self._quit = threading.Event()  # the user leaves: stop reconnecting
         self._end: ClientError | None = None  # why the chat ended, if not by leaving
         self._ended = threading.Event()
         self._day = _day_of(None)  # the date of the last timed line (the date rule)
-        style.me = self.welcome.name
+        style.me = self.name
+        style.verified = {name_key(self.name)} if self.welcome.identity else set()
         self._network = threading.Thread(target=self._network_loop, name="bcast-network")
         self._sender = threading.Thread(target=self._send_loop, name="bcast-sender")
         self._network.daemon = self._sender.daemon = True
@@ -1635,9 +1850,10 @@ class Chat:
 
     def run(self) -> int:
         """Chat until the user leaves (0), the input ends (pipe: 0, or 1 if a line was not
-        delivered) or the connection is lost (ClientError)."""
+        delivered) or the chat ends otherwise (ClientError)."""
         others = ", ".join(self.style.name(n) for n in self.welcome.users) or "nobody else yet"
-        self.status(f"joined as {self.style.name(self.welcome.name)}; here: {others}")
+        self.status(f"joined as {self.style.name(self.name)}; here: {others}")
+        self._say_identity()
         if self.io.interactive:
             self.status("type /help for commands, exit to leave")
         else:
@@ -1648,29 +1864,49 @@ class Chat:
         with _signals_leave(self.io):
             return self._input_loop()
 
+    def _say_identity(self) -> None:
+        fp = self.welcome.identity
+        if fp and self.io.interactive:
+            self.status(f"your identity {fp} is verified by the server")
+        elif self.joiner.identity is not None and not fp:
+            self.status("this server does not verify identities (revision 1): joined as a guest")
+
     def _input_loop(self) -> int:
         now = False  # leave without sending what still waits (a signal, stdout gone)
         while True:
             try:
-                line = self.io.read_line(PROMPT, self.complete)
+                line = self.io.read_line(None, self.complete)
             except Woken as woken:
-                if woken.reason == "end":
-                    break
-                line, now = None, True
-            if line is None or not self.handle(line):
+                now = woken.reason != "end"
+                break
+            if line is None:
+                if self.follow and not self.io.interactive:
+                    now = self._follow()
+                break
+            if not self.handle(line):
                 break
         return self._finish(now)
+
+    def _follow(self) -> bool:
+        """--follow: the input ended; show what arrives until the chat ends (False) or a
+        signal or a closed stdout asks to leave (True)."""
+        self.outbox.drain(None, self._stopping)
+        assert isinstance(self.io, Pipe)
+        return self.io.wait_woken() != "end"
 
     def _finish(self, now: bool) -> int:
         self.outbox.close()
         if self._end is None and not now:
             wait = None if not self.io.interactive else DRAIN_WAIT_S
             self.outbox.drain(wait, give_up=self._stopping)
-        self._leaving = True
+        with self._lock:
+            self._leaving = True
+            self._quit.set()
+            session = self.session
         if self._end is not None:
             self._close_input(keep=True)
             raise self._end
-        self.session.leave()
+        session.leave()
         self._network.join(BYE_WAIT_S)  # every error comes before the server's bye
         self._close_input(keep=False)
         failed = min(self.undelivered, self.lines)  # errors answer lines: a stray one is not
@@ -1701,7 +1937,7 @@ class Chat:
         if kind == "hint":
             self._refuse(cmd[1])
         elif kind == "help":
-            for row in help_rows(getattr(self.welcome, "op", False)):
+            for row in help_rows(self.welcome.op):
                 self.io.show(Line(row, 26, status=True))
         elif kind == "clear":
             if isinstance(self.io, Console):
@@ -1709,24 +1945,58 @@ class Chat:
         elif kind == "bell":
             self.bell = cmd[1]
             self.status(f"the bell rings for {BELL_WORDS[self.bell]}")
-        elif kind == "who":
-            self._queue(Who(), line)
-        elif kind in ("say", "dm"):
-            self._say(Say(cmd[1]) if kind == "say" else Dm(cmd[1], cmd[2]), line)
+        elif kind in ("say", "dm", "action"):
+            self._say(cmd)
+        else:
+            self._command(cmd)
         return True
 
-    def _say(self, msg: Say | Dm, line: str) -> None:
-        size = utf8_size(msg.text)
-        problem = text_problem(msg.text)
+    def _command(self, cmd: tuple[Any, ...]) -> None:
+        """who, whois and the operator commands (§5): sent as they are; the server checks."""
+        kind = cmd[0]
+        feature = "moderation" if kind != "who" and kind != "whois" else "identity"
+        if kind != "who" and feature not in self.welcome.features:
+            self._refuse(f"this server does not support /{kind}")
+            return
+        if kind in ("kick", "ban") and cmd[-1] is not None:
+            problem = text_problem(cmd[-1], "reason")
+            if problem or utf8_size(cmd[-1]) > MAX_REASON_BYTES:
+                self._refuse(problem or f"a reason is at most {MAX_REASON_BYTES} bytes")
+                return
+        msg = {
+            "who": lambda: Who(),
+            "whois": lambda: Whois(cmd[1]),
+            "kick": lambda: Kick(cmd[1], cmd[2]),
+            "ban": lambda: Ban(cmd[1], cmd[2], cmd[3]),
+            "unban": lambda: Unban(cmd[1]),
+            "bans": lambda: Bans(),
+            "mute": lambda: Mute(cmd[1], cmd[2]),
+        }[kind]()
+        self._queue(msg)
+
+    def _say(self, cmd: tuple[Any, ...]) -> None:
+        kind, text = cmd[0], cmd[-1]
+        if kind == "action" and "action" not in self.welcome.features:
+            self._refuse("this server does not support /me", cmd[1])
+            return
+        size = utf8_size(text)
+        problem = text_problem(text)
+        line = text if kind != "dm" else f"/msg {cmd[1]} {text}"
         if size > self.welcome.max_text:
             limit = self.welcome.max_text
             self._refuse(f"not sent: {size} bytes, the server takes at most {limit}", line)
-        elif problem:
+            return
+        if problem:
             self._refuse(f"not sent: the {problem}", line)
-        elif self._queue(msg, line) and self.io.interactive:
+            return
+        msg: Say | Dm = Dm(cmd[1], text) if kind == "dm" else Say(text, action=kind == "action")
+        if self._queue(msg, line) and self.io.interactive:
             self._show(self.style.own(msg))
+            if not self._online.is_set() and not self._offline_said:
+                self._offline_said = True
+                self.status("not connected: what you type is sent once reconnected")
 
-    def _queue(self, msg: ClientMessage, line: str) -> bool:
+    def _queue(self, msg: ClientMessage, line: str | None = None) -> bool:
         if self.outbox.put(msg, not self.io.interactive, self._stopping):
             return True
         self._refuse(f"not sent: {len(self.outbox)} lines are still waiting to go out", line)
@@ -1754,14 +2024,15 @@ class Chat:
         head, word = before[:start], before[start:]
         first = head.split(" ", 1)[0].lower().lstrip("/")
         if start == 0 and word.startswith("/"):
-            names = ["/" + c for c in (*COMMANDS, *ALIASES) if c.startswith(word[1:].lower())]
-            return _completed(head, word, sorted(set(names)), " ")
+            names = [c for c in (*COMMANDS, *ALIASES) if c.startswith(word[1:].lower())]
+            names = [c for c in names if self.welcome.op or not COMMANDS.get(c, HELPLESS).op]
+            return _completed(head, word, sorted({"/" + c for c in names}), " ")
         if head.startswith("/") and head.count(" ") == 1 and first == "bell":
             return _completed(head, word, [m for m in BELL_MODES if m.startswith(word)], "")
         at = "@" if word.startswith("@") else ""
         with self._lock:
             users = sorted(self._users.values(), key=str.casefold)
-        users = [u for u in users if u != self.welcome.name]
+        users = [u for u in users if u != self.name]
         fits = [at + u for u in users if name_key(u).startswith(name_key(word[len(at) :]))]
         named = head.startswith("/") and head.count(" ") == 1
         named = named and ALIASES.get(first, first) in NAME_FIRST
@@ -1773,19 +2044,105 @@ class Chat:
     def _network_loop(self) -> None:
         try:
             while True:
-                self._on_message(self.session.recv())
-        except ConnectionLost as exc:
-            if not self._leaving:
-                self._end = exc
-                self._ended.set()
-                self.io.wake("end")
+                try:
+                    msg = self.session.recv(timeout=REPLAY_IDLE_S if self._replaying else None)
+                except queue.Empty:
+                    self._end_replay()
+                    continue
+                except ConnectionLost as exc:
+                    if self._leaving or not self._recover(exc):
+                        return
+                    continue
+                self._on_message(msg)
         except BaseException as exc:  # a bug must not leave the user staring at a dead chat
-            self._end = ClientError(f"unexpected error: {type(exc).__name__}: {exc}")
-            self._ended.set()
-            self.io.wake("end")
+            self._stop(ClientError(f"unexpected error: {type(exc).__name__}: {exc}"))
+
+    def _stop(self, why: ClientError) -> None:
+        self._end = why
+        self._ended.set()
+        self.io.wake("end")
+
+    def _recover(self, lost: ConnectionLost) -> bool:
+        """After a lost connection: reconnect (True), or end the chat (False) after a `bye`
+        that forbids it (§6) or a failure that another try cannot mend."""
+        bye = self.session.bye
+        if isinstance(lost, ServerFault) or (bye is not None and bye.reason in NO_RESUME):
+            self._stop(lost)
+            return False
+        self._end_replay()
+        with self._lock:
+            self._online.clear()
+        self.session.close()
+        self.status(f"{lost}; reconnecting")
+        return self._reconnect(lost)
+
+    def _reconnect(self, lost: ConnectionLost) -> bool:
+        """§6 Resume: new connections with backoff (1, 2, 4 ... 30 s, with jitter) until one
+        joins with `since`, the user leaves, or the server refuses for good."""
+        delay, started, said_taken = RECONNECT_FIRST_S, time.monotonic(), False
+        while True:
+            wait = delay * random.uniform(0.75, 1.25)
+            self._prompt(f"(reconnecting in {round(wait)} s) {PROMPT}")
+            if self._quit.wait(wait):
+                return False
+            self._prompt(f"(reconnecting) {PROMPT}")
+            session = None
+            try:
+                session = self.joiner.open()
+                welcome = self.joiner.join(session, self.name, since=self._since)
+            except TrustError as exc:  # a changed server key is never retried
+                self._stop(exc)
+                return False
+            except JoinRefused as exc:
+                session and session.close()
+                if exc.code != "name_taken":
+                    self._stop(exc)
+                    return False
+                if not said_taken:  # §6: until the server notices the old connection died
+                    said_taken = True
+                    self.status("the server still holds our old connection; trying again")
+            except ConnectionLost:
+                session and session.close()
+            else:
+                return self._resume(session, welcome)
+            if not self.io.interactive and time.monotonic() - started > RECONNECT_GIVE_UP_S:
+                self._stop(ClientError(f"{lost}; no reconnection for {RECONNECT_GIVE_UP_S} s"))
+                return False
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _resume(self, session: Session, welcome: Welcome) -> bool:
+        with self._lock:
+            if self._quit.is_set():  # the user left meanwhile
+                session.close()
+                return False
+            self.session, self.welcome = session, welcome
+            self._pacer = Pacer(welcome.rate)  # §4: the server's bucket is full at join
+            self._users = {name_key(n): n for n in welcome.users}
+        session.start()
+        self._online.set()
+        self._offline_said = False
+        self._prompt(PROMPT)
+        self.status(f"reconnected as {self.style.name(welcome.name)}")
+        if welcome.gap:
+            self.status("some messages were missed: the server no longer keeps them")
+        return True
+
+    def _prompt(self, prompt: str) -> None:
+        if isinstance(self.io, Console):
+            self.io.set_prompt(prompt)
 
     def _on_message(self, msg: ServerMessage) -> None:
-        if isinstance(msg, (Joined, Left, Users)):
+        if isinstance(msg, (Message, DirectMessage)):
+            self._since = max(self._since, msg.id)
+        if isinstance(msg, Message) and msg.history:
+            if self._replayed_mine(msg):
+                return
+            if not self._replaying:
+                self._replaying = True
+                self._rule("--- history ---")
+        elif self._replaying:
+            self._end_replay()
+        if isinstance(msg, (Joined, Left, Users, WhoisInfo)):
             self._track(msg)
         if isinstance(msg, Error):
             with self._lock:
@@ -1797,20 +2154,47 @@ class Chat:
             line = replace(line, bell=True)
         self._show(line)
 
+    def _replayed_mine(self, msg: Message) -> bool:
+        """A replayed say of mine that was shown when I typed it (§6: drop it)."""
+        if msg.sender != self.name or msg.text not in self._sent:
+            return False
+        self._sent.remove(msg.text)
+        return True
+
+    def _end_replay(self) -> None:
+        if self._replaying:
+            self._replaying = False
+            self._rule("--- live ---")
+
+    def _rule(self, text: str) -> None:
+        self.io.show(Line(self.style.paint(text, "2"), status=not self.io.interactive))
+
     def _rings(self, msg: ServerMessage) -> bool:
-        """/bell: off; mentions (a message naming me, or a dm); all (every message too)."""
+        """/bell: off; mentions (a message naming me, or a dm); all (every message too).
+        Replayed history never rings."""
         if self.bell == "off" or not isinstance(msg, (Message, DirectMessage)):
+            return False
+        if isinstance(msg, Message) and msg.history:
             return False
         return self.bell == "all" or isinstance(msg, DirectMessage) or self.style.mentions(msg.text)
 
-    def _track(self, msg: Joined | Left | Users) -> None:
+    def _track(self, msg: Joined | Left | Users | WhoisInfo) -> None:
+        """Who is here (for Tab), and who proved an identity (marked ✓)."""
+        verified = self.style.verified
         with self._lock:
             if isinstance(msg, Joined):
                 self._users[name_key(msg.name)] = msg.name
+                if msg.identity:
+                    verified.add(name_key(msg.name))
+                else:
+                    verified.discard(name_key(msg.name))
             elif isinstance(msg, Left):
                 self._users.pop(name_key(msg.name), None)
-            else:
+                verified.discard(name_key(msg.name))
+            elif isinstance(msg, Users):
                 self._users = {name_key(n): n for n in msg.names}
+            elif msg.identity:
+                verified.add(name_key(msg.name))
 
     def _show(self, line: Line) -> None:
         """Show a line, after a date rule when its date is not the last one shown."""
@@ -1826,25 +2210,60 @@ class Chat:
     # -- the sender thread --
 
     def _send_loop(self) -> None:
-        while True:
-            msg = self.outbox.get()
-            if msg is None:
-                return
-            try:
-                if isinstance(msg, (Say, Dm, Who)):  # §4: each takes a rate token
-                    time.sleep(self._pacer.take())
-                self.session.send(msg)
-            except ConnectionLost:
-                pass  # the reader says why, and the network thread ends the chat
-            finally:
-                self.outbox.done()
+        """Send what is queued, paced, in records that fit the server's (§1 max_record, §3 64
+        messages); after a lost connection, what was not sent waits for the next one."""
+        while batch := self.outbox.take(MAX_CLIENT_RECORD_MESSAGES):
+            pending = deque(batch)
+            while pending:
+                session = self._current_session()
+                if session is None:
+                    self.outbox.done(len(pending))
+                    return
+                record = self._fill_record(pending)
+                try:
+                    session.send(*record)
+                except ConnectionLost:
+                    pending.extendleft(reversed(record))
+                    with self._lock:
+                        if self.session is session:  # the network thread will reconnect
+                            self._online.clear()
+                    continue
+                self._sent.extend(m.text for m in record if isinstance(m, Say))
+                self.outbox.done(len(record))
+
+    def _current_session(self) -> Session | None:
+        """The joined session to send on, waiting while reconnecting; None once over."""
+        while not self._online.wait(0.2):
+            if self._ended.is_set() or self._quit.is_set():
+                return None
+        with self._lock:
+            return self.session
+
+    def _fill_record(self, pending: deque[ClientMessage]) -> list[ClientMessage]:
+        """Take from `pending` what one record may carry: a rate token for each rated
+        message (waiting only for the first), within the server's record size."""
+        with self._lock:
+            pacer, room = self._pacer, self.welcome.max_record - RECORD_OVERHEAD
+        record: list[ClientMessage] = []
+        for msg in list(pending):
+            size = len(encode_client_message(msg)) + 1
+            if record and (size > room or (isinstance(msg, RATED) and not pacer.ready())):
+                break
+            if isinstance(msg, RATED):
+                time.sleep(pacer.take())
+            record.append(pending.popleft())
+            room -= size
+        return record
 
 
+HELPLESS = Command("", "")
 BELL_WORDS = {
     "off": "nothing (it is off)",
     "mentions": "mentions of your name and direct messages",
     "all": "every message",
 }
+# A record's bytes around its messages: the length, the GCM tag, the brackets of the array.
+RECORD_OVERHEAD = 4 + 16 + 2
 
 
 def _completed(head: str, word: str, fits: list[str], suffix: str) -> tuple[str, list[str]]:
@@ -1903,15 +2322,17 @@ delivered), 2 bad usage or server fingerprint mismatch.
 
 The server's fingerprint is pinned per host:port in $XDG_CONFIG_HOME/bcast/known_hosts
 (default ~/.config/bcast/known_hosts) on first use; a changed fingerprint is refused.
+Your identity (an Ed25519 key) is made on first use in $XDG_DATA_HOME/bcast/identity.pem
+(default ~/.local/share/bcast/identity.pem) and proven to the server at every join.
 With stdin or stdout not a terminal the client is a pipe tool: it sends each input
 line (paced to the server's rate), prints one received message per line on stdout
-and status lines on stderr, and leaves at end of input.
+and status lines on stderr, and leaves at end of input (--follow: keeps listening).
 
 """ + "\n".join(help_rows(op=False))
 
 # One-shot actions: they do something and exit, so they take no BCAST_ fallback (an
 # exported BCAST_FORGET would forget a pin on every run).
-ACTION_FLAGS = frozenset({"help", "forget"})
+ACTION_FLAGS = frozenset({"help", "forget", "show_identity"})
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -1959,6 +2380,32 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="the pin file; BCAST_KNOWN_HOSTS (default $XDG_CONFIG_HOME/bcast/known_hosts)",
     )
     p.add_argument(
+        "--identity",
+        type=Path,
+        default=env("BCAST_IDENTITY") or None,
+        help="your identity key, made on first use; BCAST_IDENTITY "
+        "(default $XDG_DATA_HOME/bcast/identity.pem)",
+    )
+    p.add_argument(
+        "--guest",
+        action="store_true",
+        default=env_flag(environ, "BCAST_GUEST"),
+        help="join without proving an identity; BCAST_GUEST=1",
+    )
+    p.add_argument(
+        "--history",
+        default=env("BCAST_HISTORY"),
+        metavar="N",
+        help="how many earlier messages to show when joining; BCAST_HISTORY "
+        f"(default {HISTORY_DEFAULT} on a terminal, 0 in a pipe)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        default=env_flag(environ, "BCAST_FOLLOW"),
+        help="in a pipe, keep printing messages after the input ends; BCAST_FOLLOW=1",
+    )
+    p.add_argument(
         "--no-bell",
         action="store_true",
         default=env_flag(environ, "BCAST_NO_BELL"),
@@ -1968,6 +2415,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--forget",
         metavar="HOST:PORT",
         help="remove the pinned fingerprint of HOST:PORT from the pin file, then exit",
+    )
+    p.add_argument(
+        "--show-identity",
+        action="store_true",
+        help="print your identity's fingerprint (making the key if needed), then exit",
     )
     return p
 
@@ -1996,13 +2448,11 @@ def name_check(name: str) -> str | None:
     return None if problem is None else f"the name {sanitize(name)!r} {problem}"
 
 
-def join_chat(
-    open_session: Callable[[], Session], io: Console | Pipe, name: str | None, style: Style
-) -> Session | None:
+def join_chat(joiner: Joiner, io: Console | Pipe, name: str | None, style: Style) -> Session | None:
     """Connect first (so a refused connection or a changed key is said before anyone
     types), then ask for a name if none was given, then join; interactively, ask again
     after a refused name. None when the user gives up."""
-    session = open_session()
+    session = joiner.open()
     try:
         while True:
             if name is None:
@@ -2013,9 +2463,9 @@ def join_chat(
                     return None
             if session.age > JOIN_FRESH_S:  # the server's handshake timeout is near
                 session.close()
-                session = open_session()
+                session = joiner.open()
             try:
-                session.join(Join(unicodedata.normalize("NFKC", name)))
+                joiner.join(session, name)
                 return session
             except NameRefused as exc:
                 if not io.interactive:
@@ -2026,7 +2476,7 @@ def join_chat(
                 if not io.interactive or session.age <= JOIN_FRESH_S:
                     raise
                 session.close()  # it timed out while the name was typed: once more
-                session = open_session()
+                session = joiner.open()
     except BaseException:
         session.close()
         raise
@@ -2046,6 +2496,28 @@ def forget(known: KnownHosts, target: str) -> int:
     return EXIT_OK
 
 
+def load_identity(path: Path, status: Callable[[str], None]) -> Any:
+    """Our Ed25519 identity (§5), made on first use (mode 0600); an unusable file is a
+    usage error naming it."""
+    new = not path.exists()
+    try:
+        key = load_or_create_identity(path)
+    except CryptoError as exc:
+        raise UsageError(str(exc)) from None
+    if new:
+        fp = identity_fingerprint(identity_public(key))
+        status(f"made your identity {fp} in {path} (keep it: it proves your name)")
+    return key
+
+
+def history_count(value: str | None, interactive: bool) -> int:
+    if value is None:
+        return HISTORY_DEFAULT if interactive else 0
+    if not value.isdigit() or not value.isascii() or int(value) > MAX_HISTORY:
+        raise UsageError(f"--history takes a number of messages 0..{MAX_HISTORY}, not {value!r}")
+    return int(value)
+
+
 def run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -2059,11 +2531,16 @@ def run(argv: list[str] | None) -> int:
     known = KnownHosts(args.known_hosts or default_known_hosts(), args.known_hosts is None)
     if args.forget is not None:
         return forget(known, args.forget)
+    if args.show_identity:
+        key = load_identity(args.identity or default_identity(), lambda text: None)
+        print(identity_fingerprint(identity_public(key)))
+        return EXIT_OK
     if not str(args.port).isdigit() or not 0 < int(args.port) < 65536:
         raise UsageError(f"the port must be 1..65535, not {args.port!r}")
     if args.fingerprint and not FINGERPRINT_RE.match(args.fingerprint):
         raise UsageError("--fingerprint takes the form SHA256: followed by 43 base64 characters")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    history = history_count(args.history, interactive)
     if args.name is not None and (problem := name_check(args.name)):
         raise UsageError(problem)
     if args.name is None and not interactive:
@@ -2080,18 +2557,22 @@ def run(argv: list[str] | None) -> int:
         io = Pipe(sys.stdin.fileno(), sys.stdout, sys.stderr)
     with io, _signals_interrupt():
 
-        def open_session() -> Session:
-            verify = lambda fp: check_pin(known, key, fp, args.fingerprint, status)  # noqa: E731
-            return Session.open(args.host, int(args.port), verify)
-
         def status(text: str) -> None:
             io.show(style.status(text))
 
-        session = join_chat(open_session, io, args.name, style)
+        identity = None
+        if not args.guest:
+            identity = load_identity(args.identity or default_identity(), status)
+
+        def verify(fp: str) -> None:
+            check_pin(known, key, fp, args.fingerprint, status)
+
+        joiner = Joiner(args.host, int(args.port), verify, identity, history)
+        session = join_chat(joiner, io, args.name, style)
         if session is None:
             return EXIT_OK
         bell = "off" if args.no_bell else "mentions"
-        return Chat(io, style, session, bell).run()
+        return Chat(io, style, joiner, session, bell, args.follow).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ in test_client_pty.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -63,6 +64,9 @@ class FakeConn:
     def __init__(self, sock: socket.socket, decoder: protocol.FrameDecoder, tx, rx):
         self.sock, self.decoder, self.tx, self.rx = sock, decoder, tx, rx
         self.name = ""
+        self.join: dict[str, Any] = {}  # the client's first join
+        self.transcript = b""  # what its identity proof signs (§5)
+        self.sizes: list[int] = []  # the length of every record received
 
     def send(self, *msgs: dict[str, Any]) -> None:
         body = json.dumps(list(msgs), ensure_ascii=False).encode("utf-8", "surrogatepass")
@@ -71,7 +75,10 @@ class FakeConn:
     def recv(self) -> list[dict[str, Any]] | None:
         """The next record's messages, or None once the client closed."""
         body = read_frame(self.sock, self.decoder)
-        return None if body is None else json.loads(self.rx.open(body))
+        if body is None:
+            return None
+        self.sizes.append(len(body))
+        return json.loads(self.rx.open(body))
 
     def wait_closed(self) -> bool:
         """Read until the client closes; True if it did within T."""
@@ -105,13 +112,14 @@ class FakeServer:
         script: Callable[[FakeConn | None], None] = lambda conn: None,
         hello: bytes | None = None,
         welcome: dict[str, Any] | bool = True,
+        port: int = 0,
     ):
         self.key, self.script, self.hello, self.welcome = key, script, hello, welcome
         self.spki = crypto_utils.spki_der(key)
         self.fingerprint = crypto_utils.fingerprint(self.spki)
         self.first_chunks: list[bytes] = []
         self.errors: list[BaseException] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.host, self.port = self.listener.getsockname()[:2]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -119,6 +127,8 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):  # wakes accept(), so the port is free at once
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         assert not self.errors, self.errors
 
@@ -165,15 +175,20 @@ class FakeServer:
         conn = FakeConn(
             sock, decoder, crypto_utils.RecordCipher(s2c), crypto_utils.RecordCipher(c2s)
         )
+        conn.transcript = crypto_utils.identity_transcript(
+            self.spki, nonce, key.nonce, eph.public, key.eph
+        )
         first = conn.recv()
         assert first and first[0]["type"] == "join", first
         conn.name = first[0]["name"]
+        conn.join = first[0]
         return conn
 
 
 def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BCAST_") and k != "NO_COLOR"}
-    return {**env, "XDG_CONFIG_HOME": str(tmp_path / "config"), **extra}
+    paths = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    return {**env, **paths, **extra}
 
 
 def pipe_client(
@@ -195,14 +210,16 @@ def pipe_client(
     )
 
 
-def spawn_pipe_client(tmp_path: Path, port: int, *args: str) -> subprocess.Popen[str]:
+def spawn_pipe_client(
+    tmp_path: Path, port: int, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(CLIENT), "--port", str(port), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=client_env(tmp_path),
+        env=client_env(tmp_path, **(env or {})),
     )
 
 
@@ -219,6 +236,23 @@ def event(msg: dict[str, Any]) -> tuple[str, ...]:
     if msg["type"] == "left":
         return (msg["type"], msg["name"], msg["reason"])
     return (msg["type"], msg.get("name", ""))
+
+
+def read_until(stream: Any, needle: str) -> list[str]:
+    """Lines of a subprocess stream up to the first that holds `needle` (AssertionError at
+    the end of the stream)."""
+    lines: list[str] = []
+    while needle not in (lines[-1] if lines else ""):
+        line = stream.readline()
+        assert line, f"{needle!r} never came: {lines}"
+        lines.append(line)
+    return lines
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a server that must come back on the same one)."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
 
 
 def recv_type(session: Session, kind: type, timeout: float = T) -> Any:
@@ -561,7 +595,10 @@ def test_server_full_is_one_sentence_exit_1(server_key, tmp_path: Path) -> None:
             Session.connect(fake.host, fake.port, "alice", no_pin)
         done = pipe_client(tmp_path, fake.port, "--name", "bob")
     assert done.returncode == 1
-    assert done.stderr.strip() == "client.py: the server is full: 1000 clients already"
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "client.py: the server is full: 1000 clients already"
+    )
 
 
 @pytest.mark.parametrize(
@@ -812,8 +849,8 @@ def test_pipe_mode_prints_one_message_per_line(run_server, tmp_path: Path) -> No
     with run_server(rate=0) as srv:
         host, port = srv.address
         proc = spawn_pipe_client(tmp_path, port, "--name", "bob")
-        assert proc.stderr.readline().startswith("* first connection")
-        assert proc.stderr.readline().startswith("* joined as bob")
+        said = read_until(proc.stderr, "* joined as bob")
+        assert said[-2].startswith("* first connection")
         peer, _ = connect_and_join(host, port, "alice")
         peer.send({"type": "say", "text": "two\nlines"}, {"type": "dm", "to": "bob", "text": "x"})
         peer.send({"type": "leave"})
@@ -852,15 +889,50 @@ def test_name_taken_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
     assert done.stderr.endswith("client.py: the name BOB is taken\n")
 
 
-def test_server_loss_in_pipe_mode_exits_1(run_server, tmp_path: Path) -> None:
-    """Issue A: the server goes away: one line, exit 1, no traceback."""
-    with run_server(rate=0) as srv:
-        proc = spawn_pipe_client(tmp_path, srv.address[1], "--name", "bob")
-        assert "joined as bob" in proc.stderr.readline() + proc.stderr.readline()
+def test_pipe_mode_reconnects_after_the_server_comes_back(run_server, tmp_path: Path) -> None:
+    """§6 Resume, issue 15: the server goes away (said in words, not `(bye: shutdown)`); a
+    pipe reconnects by itself, resumes after the last id it saw (a message sent meanwhile
+    is shown, once) and goes on sending; no traceback."""
+    port, state = free_port(), tmp_path / "state.db"
+    with run_server(rate=0, port=port, state=state) as srv:
+        proc = spawn_pipe_client(tmp_path, port, "--name", "bob")
+        read_until(proc.stderr, "joined as bob")
+        peer, _ = connect_and_join("127.0.0.1", port, "ana")
+        peer.send({"type": "say", "text": "seen live"})
+        assert read_until(proc.stdout, "seen live")[-1].endswith("<ana> seen live\n")
         srv.shutdown()
+        peer.close()
+    said = read_until(proc.stderr, "reconnecting")
+    assert said[-1] == "* the server is shutting down; reconnecting\n"
+    with run_server(rate=0, port=port, state=state):
+        peer, _ = connect_and_join("127.0.0.1", port, "ana")  # before bob is back
+        peer.send({"type": "say", "text": "said while bob was away"})
+        read_until(proc.stderr, "* reconnected as bob")
+        assert proc.stdout.readline().endswith("<ana> said while bob was away\n")
+        assert event(peer.recv(T)) == ("joined", "bob")
+        proc.stdin.write("back again\n")
+        proc.stdin.close()
+        assert peer.recv(T)["text"] == "back again"
+        assert proc.wait(timeout=T) == 0
+        peer.close()
+    assert "Traceback" not in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_kicked_is_final_one_sentence_exit_1(server_key, tmp_path: Path) -> None:
+    """§5, §6: after `bye` kicked (with by and message) the client does not reconnect: one
+    sentence in words, exit 1."""
+
+    def kick(conn: FakeConn) -> None:
+        conn.send(protocol.bye("kicked", by="ana", message="spamming"))
+
+    with FakeServer(server_key, kick) as fake:
+        proc = spawn_pipe_client(tmp_path, fake.port, "--name", "bob")
         _, err = wait_open(proc)
     assert proc.returncode == 1
-    assert err.strip() == "client.py: the server is shutting down"  # words, not (bye: shutdown)
+    assert err.strip().splitlines()[-1] == "client.py: you were kicked by ana: spamming"
+    assert len(fake.first_chunks) == 1  # one connection: no second try
 
 
 def test_pins_through_the_cli(run_server, tmp_path: Path) -> None:
@@ -1062,9 +1134,8 @@ class FakeSession:
 def fake_chat(users: list[str], me: str = "ana", interactive: bool = True) -> client.Chat:
     welcome = protocol.parse_server_message(protocol.welcome(me, users, 100, 0))
     io = FakeIO(interactive)
-    return client.Chat(
-        io, Style(colour=False, multiline=interactive), FakeSession(welcome), "mentions"
-    )
+    style = Style(colour=False, multiline=interactive)
+    return client.Chat(io, style, None, FakeSession(welcome), "mentions")
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,12 @@ FakeServer.
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
+import subprocess
 import sys
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -18,8 +21,8 @@ from types import SimpleNamespace
 
 import pexpect
 import pytest
-from refpeer import connect_and_join
-from test_client import CLIENT, FakeConn, FakeServer, T, client_env, event
+from refpeer import RefIdentity, connect_and_join
+from test_client import CLIENT, FakeConn, FakeServer, T, client_env, event, free_port
 
 import protocol
 
@@ -131,9 +134,16 @@ class Screen:
         return [r for r in ("".join(row).rstrip() for row in self.grid) if r]
 
 
+_spawned = itertools.count()
+
+
 def spawn(
     tmp_path: Path, port: int, *args: str, cols: int = COLS, **env: str
 ) -> tuple[pexpect.spawn, Screen]:
+    """The client on a terminal; each gets an identity of its own unless XDG_DATA_HOME is
+    given (two clients proving one identity replace each other, §5)."""
+    data = str(tmp_path / f"data-{next(_spawned)}")
+    env = {"XDG_DATA_HOME": data, **env}
     child = pexpect.spawn(
         sys.executable,
         [str(CLIENT), "--port", str(port), *args],
@@ -211,17 +221,58 @@ def test_leaving_exits_0(chat, keys: str) -> None:
     assert "Traceback" not in "\n".join(screen.lines())
 
 
-def test_server_loss_exits_1(chat) -> None:
-    """Issue A: the server goes away while the user types: one line, exit 1."""
-    srv, child, screen = chat.srv, chat.child, chat.screen
-    child.send("half")
-    child.expect("half")
-    srv.shutdown()
-    assert finish(child) == 1
+def test_kicked_while_typing_exits_1(server_key, tmp_path: Path) -> None:
+    """Issue A, §5: the chat ends for good while the user types: the draft stays on the
+    screen, then one sentence in words (who, why), exit 1."""
+    kicked = threading.Event()
+
+    def kick(conn: FakeConn) -> None:
+        kicked.wait(T)
+        conn.send(protocol.bye("kicked", by="ana", message="off topic"))
+
+    with FakeServer(server_key, kick) as fake:
+        child, screen = spawn(tmp_path, fake.port, "--name", "alice", NO_COLOR="1")
+        child.expect("exit to leave")
+        child.send("half")
+        child.expect("half")
+        kicked.set()
+        assert finish(child) == 1
     lines = screen.lines()
-    assert lines[-1] == "client.py: the server is shutting down"
+    assert lines[-1] == "client.py: you were kicked by ana: off topic"
     assert lines[-2] == "> half"
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_reconnects_keeping_the_draft(run_server, tmp_path: Path) -> None:
+    """§6 Resume, issue 15: the server goes away while the user types: the prompt says it is
+    reconnecting, the draft and the line history stay, a line typed meanwhile waits; when
+    the server is back the client rejoins by itself and sends it."""
+    port, state = free_port(), tmp_path / "state.db"
+    with run_server(rate=0, port=port, state=state) as srv:
+        child, screen = spawn(tmp_path, port, "--name", "alice", NO_COLOR="1")
+        child.expect("exit to leave")
+        child.send("earlier line\r")
+        child.expect("<alice.?> earlier line")
+        child.send("half")
+        child.expect("half")
+        srv.shutdown()
+    child.expect("the server is shutting down; reconnecting")
+    assert wait_screen(child, screen, lambda lines: "(reconnecting" in lines[-1], T)
+    assert screen.lines()[-1].endswith("> half")
+    child.send(" done\r")  # typed while away: shown, queued
+    child.expect("sent once reconnected")
+    with run_server(rate=0, port=port, state=state) as srv:
+        bob, _ = connect_and_join("127.0.0.1", port, "bob")
+        child.expect("reconnected as")
+        assert bob.recv(T)["type"] == "joined"
+        assert bob.recv(T)["text"] == "half done"
+        child.send("\x1b[A")  # Up: the line history survived
+        assert wait_screen(child, screen, lambda lines: lines[-1] == "> half done", T)
+        child.send("\x1b[A")
+        assert wait_screen(child, screen, lambda lines: lines[-1] == "> earlier line", T)
+        child.send("\x03\x03")
+        assert finish(child) == 0
+        bob.close()
 
 
 def test_help_and_unknown_commands(chat) -> None:
@@ -335,7 +386,7 @@ def test_no_readline_needed(chat, tmp_path: Path) -> None:
     child = pexpect.spawn(
         sys.executable,
         ["-c", no_readline],
-        env=client_env(tmp_path, TERM="xterm"),
+        env=client_env(tmp_path, TERM="xterm", XDG_DATA_HOME=str(tmp_path / "dave")),
         encoding="utf-8",
         timeout=T,
         dimensions=(ROWS, COLS),
@@ -562,7 +613,7 @@ def test_own_lines_are_shown_like_everyones(chat) -> None:
     assert bob.recv(T)["text"] == "just you"
     assert wait_screen(child, screen, lambda lines: "just you" in lines[-2], T)
     lines = screen.lines()
-    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] <alice> hello all", lines[-3])
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] <alice✓> hello all", lines[-3])  # verified
     assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] \[dm → bob\] just you", lines[-2])
     assert lines[-1] == ">"
     assert not any(line.startswith("> hello") for line in lines)
@@ -584,7 +635,7 @@ def test_changed_key_is_said_before_the_name_is_asked(run_server, tmp_path: Path
         child, screen = spawn(tmp_path, srv.address[1], "--known-hosts", str(pins))
         child.expect("HAS CHANGED")
         assert finish(child) == 2
-    assert "your name" not in "\n".join(screen.lines())
+    assert "your name:" not in "\n".join(screen.lines())
 
 
 def test_refused_connection_is_said_before_the_name_is_asked(tmp_path: Path) -> None:
@@ -594,4 +645,71 @@ def test_refused_connection_is_said_before_the_name_is_asked(tmp_path: Path) -> 
     child, screen = spawn(tmp_path, port)
     child.expect("cannot connect")
     assert finish(child) == 1
-    assert "your name" not in "\n".join(screen.lines())
+    assert "your name:" not in "\n".join(screen.lines())
+
+
+def test_verified_names_are_marked(run_server, tmp_path: Path) -> None:
+    """§5: a name whose join carried a proven identity is marked ✓; a guest's is not;
+    someone already here (welcome has no identities) is marked once /whois shows one."""
+    with run_server(rate=0) as srv:
+        dave, _ = connect_and_join(*srv.address, "dave", identity=RefIdentity())
+        child, _ = spawn(tmp_path, srv.address[1], "--name", "alice", NO_COLOR="1")
+        child.expect("exit to leave")
+        bob, _ = connect_and_join(*srv.address, "bob", identity=RefIdentity())
+        carol, _ = connect_and_join(*srv.address, "carol")
+        bob.send({"type": "say", "text": "proven"})
+        child.expect("<bob✓> proven")
+        carol.send({"type": "say", "text": "guest here"})
+        child.expect("<carol> guest here")
+        dave.send({"type": "say", "text": "not yet"})
+        child.expect("<dave> not yet")
+        child.send("/whois dave\r")
+        child.expect("dave✓: identity SHA256:")
+        dave.send({"type": "say", "text": "now marked"})
+        child.expect("<dave✓> now marked")
+        child.close(force=True)
+        for peer in (bob, carol, dave):
+            peer.close()
+
+
+def test_history_is_set_apart_on_a_terminal(run_server, tmp_path: Path) -> None:
+    """§6: on a terminal the client asks for the latest 50 kept messages and shows them
+    between `--- history ---` and `--- live ---`."""
+    with run_server(rate=0) as srv:
+        bob, _ = connect_and_join(*srv.address, "bob")
+        bob.send({"type": "say", "text": "earlier one"})
+        bob.send({"type": "say", "text": "earlier two"})
+        child, screen = spawn(tmp_path, srv.address[1], "--name", "alice", NO_COLOR="1")
+        child.expect("--- live ---")
+        lines = screen.lines()
+        at = lines.index("--- history ---")
+        assert lines[at + 1].endswith("<bob> earlier one")
+        assert lines[at + 2].endswith("<bob> earlier two")
+        assert lines[at + 3] == "--- live ---"
+        child.close(force=True)
+        bob.close()
+
+
+def test_help_shows_operator_commands_to_operators_only(run_server, tmp_path: Path) -> None:
+    """§5: /help lists /kick, /ban, ... only when welcome says we are an operator."""
+    op_data = tmp_path / "op-data"
+    shown = subprocess.run(
+        [sys.executable, str(CLIENT), "--show-identity"],
+        capture_output=True,
+        text=True,
+        timeout=T,
+        env=client_env(tmp_path, XDG_DATA_HOME=str(op_data)),
+    ).stdout.strip()
+    with run_server(rate=0, ops=(shown,)) as srv:
+        op, _ = spawn(tmp_path, srv.address[1], "--name", "ana", XDG_DATA_HOME=str(op_data))
+        op.expect("exit to leave")
+        op.send("/help\r")
+        op.expect("operator commands:")
+        op.expect("/mute NAME MINUTES")
+        guest, screen = spawn(tmp_path, srv.address[1], "--name", "bo", "--guest")
+        guest.expect("exit to leave")
+        guest.send("/help\r")
+        guest.expect("Ctrl-L redraws")
+        assert "operator commands" not in "\n".join(screen.lines())
+        op.close(force=True)
+        guest.close(force=True)
