@@ -1856,6 +1856,7 @@ class Chat:
         self._say_identity()
         if self.io.interactive:
             self.status("type /help for commands, exit to leave")
+            self._prompt(PROMPT)  # after "your name: ", if the name was asked
         else:
             self.io.watch_stdout()
         self.session.start()
@@ -2433,6 +2434,8 @@ def ask_name(io: Console, status: Callable[[str], None]) -> str | None:
             return None
         if name is None:
             return None
+        io.finish(keep=False)  # the answer stays on the screen, the prompt goes until asked
+        io.show(Line(NAME_PROMPT + sanitize(name)))
         name = name.strip()
         problem = name_check(name)
         if problem is None:

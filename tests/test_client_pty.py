@@ -344,7 +344,7 @@ def test_name_is_asked_and_asked_again_after_refusals(run_server, tmp_path: Path
     """Issue A: no --name: the client asks; after an invalid or taken name it asks again."""
     with run_server(rate=0) as srv:
         bob, _ = connect_and_join(*srv.address, "bob")
-        child, _ = spawn(tmp_path, srv.address[1])
+        child, screen = spawn(tmp_path, srv.address[1])
         child.expect("your name: ")
         child.send("no spaces!\r")
         child.expect("contains the character U\\+0020 SPACE; try another")
@@ -354,6 +354,9 @@ def test_name_is_asked_and_asked_again_after_refusals(run_server, tmp_path: Path
         child.expect("your name: ")
         child.send("carol\r")
         child.expect("joined as .*carol")
+        child.expect("exit to leave")
+        settle(child)
+        assert screen.lines()[-1] == ">"  # the chat's prompt, not the name's
         child.send("exit\r")
         assert finish(child) == 0
         # The refused attempts never joined: bob sees carol only.

@@ -460,3 +460,55 @@ def test_a_reader_that_falls_behind_pushes_back_on_the_socket(server_key) -> Non
         assert session._inbox.qsize() <= client.INBOX_MESSAGES
         session.close()
     os.sched_yield()
+
+
+def test_reconnect_waits_out_name_taken(server_key, tmp_path: Path) -> None:
+    """§6 Resume: a guest may get name_taken until the server notices its old connection
+    died; the client says so once and tries again (backoff) until it rejoins."""
+    count = iter(range(1, 100))
+
+    def script(conn: FakeConn) -> None:
+        n = next(count)
+        if n == 2:
+            conn.send(protocol.error("name_taken", "the name ana is taken"))
+            conn.wait_closed()
+            return
+        conn.send(protocol.welcome("ana", [], 16384, 0))
+        if n == 1:
+            return  # lost without bye
+        conn.send(protocol.message(1, "bob", "welcome back", 0))
+        conn.recv()  # leave
+        conn.send(protocol.bye("leave"))
+
+    with FakeServer(server_key, script, welcome=False) as fake:
+        proc = spawn_pipe_client(tmp_path, fake.port, "--name", "ana", "--guest")
+        said = read_until(proc.stderr, "reconnected as ana")
+        assert read_until(proc.stdout, "welcome back")
+        proc.stdin.close()
+        _, err = wait_open(proc)
+    assert proc.returncode == 0, err
+    assert sum("still holds our old connection" in line for line in said) == 1
+
+
+def test_a_pipe_gives_up_reconnecting_in_the_end(monkeypatch) -> None:
+    """§6: a pipe (a script) does not wait forever: after RECONNECT_GIVE_UP_S without a
+    connection it ends the chat with one sentence (exit 1); a terminal keeps trying."""
+
+    class Unreachable:
+        identity = None
+
+        def open(self) -> client.Session:
+            raise client.ConnectionLost("cannot connect to 127.0.0.1:9: Connection refused")
+
+    monkeypatch.setattr(client, "RECONNECT_FIRST_S", 0.001)
+    monkeypatch.setattr(client, "RECONNECT_GIVE_UP_S", 0.05)
+    welcome = protocol.parse_server_message(protocol.welcome("ana", [], 100, 0))
+    io = type("IO", (), {"interactive": False, "reason": None})()
+    io.show = lambda line: None
+    io.wake = lambda reason: None
+    session = type("S", (), {"welcome": welcome})()
+    chat = client.Chat(io, client.Style(False), Unreachable(), session, "off")
+    lost = client.ConnectionLost("the server closed the connection")
+    assert chat._reconnect(lost) is False
+    assert chat._end is not None and chat._end.exit_code == 1
+    assert str(chat._end) == "the server closed the connection; no reconnection for 0.05 s"
