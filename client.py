@@ -1,13 +1,12 @@
-"""bcast/1 chat client: a network `Session` apart from the terminal (PROTOCOL.md).
+"""bcast/1 chat client: the chat and the terminal, on a network session (PROTOCOL.md).
 
-`Session` is one connection: the handshake (§2), with the server's pinned
-fingerprint checked before anything is sent; sealed records (§3); a reader
-thread that turns records into messages in a bounded queue; keepalive pings.
-Tests drive it without a terminal. `Chat` is the conversation: it shows what
-arrives, turns typed lines into messages and sends them from its own thread,
-paced to the server's rate. Input and output go through one `Console` (a
-raw-mode line editor that owns the input line, so whatever arrives is printed
-above it) or one `Pipe` (lines in, lines out).
+Moved out so far: `session.py` (one connection: handshake, records, the bounded
+inbox; `Joiner`), `known_hosts.py` (pins), `display.py` (escaping, display width,
+wrapping, `Line`), `errors.py` (every failure and its exit status). `Chat` is the
+conversation: it shows what arrives, turns typed lines into messages and sends them
+from its own thread, paced to the server's rate. Input and output go through one
+`Console` (a raw-mode line editor that owns the input line, so whatever arrives is
+printed above it) or one `Pipe` (lines in, lines out).
 
 Threads: the main thread reads input and hands each line to `Chat.handle`;
 the chat's network thread shows what the session receives; its sender thread
@@ -32,7 +31,6 @@ import random
 import re
 import select
 import signal
-import socket
 import stat
 import sys
 import threading
@@ -47,32 +45,21 @@ from typing import Any, TextIO
 
 from protocol import (
     MAX_CLIENT_RECORD_MESSAGES,
-    MAX_HANDSHAKE_FRAME,
     MAX_MINUTES,
     MAX_REASON_BYTES,
-    MAX_RECORD_FRAME,
-    MAX_RECORD_PLAINTEXT,
     Ban,
     BanList,
     Bans,
-    Bye,
     ClientMessage,
     DirectMessage,
     Dm,
     Error,
-    FrameDecoder,
-    Hello,
-    Join,
     Joined,
-    KeyExchange,
     Kick,
-    Leave,
     Left,
     Message,
     Mute,
     Muted,
-    Ping,
-    ProtocolError,
     Say,
     ServerMessage,
     Unban,
@@ -81,57 +68,67 @@ from protocol import (
     Who,
     Whois,
     WhoisInfo,
-    decode_record,
     encode_client_message,
-    encode_frame,
-    encode_key,
     has_lone_surrogate,
-    join_record,
     name_key,
     name_problem,
-    parse_handshake_error,
-    parse_hello,
-    parse_server_message,
     text_problem,
     utf8_size,
 )
 
-# The one third-party package (pycryptodome, imported by crypto_utils): a terminal without
-# the venv gets one sentence saying what to do instead of a ModuleNotFoundError traceback.
-MISSING_CRYPTO = (
-    "client.py: the Python package pycryptodome is missing ({why}); install it with "
-    "`python3 -m pip install -r requirements.txt`, or use the project's venv: "
-    "`. .venv/bin/activate` in each new terminal, or run `.venv/bin/python client.py`\n"
-)
+# The one third-party package (pycryptodome, imported by crypto_utils) is checked before
+# any module that imports it: a terminal without the venv gets one sentence saying what to
+# do instead of a ModuleNotFoundError traceback.
 try:
     from crypto_utils import (
         CryptoError,
-        RecordCipher,
-        client_keys,
-        fingerprint,
         identity_fingerprint,
         identity_public,
-        identity_transcript,
         load_or_create_identity,
-        sign_identity,
     )
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] != "Crypto":
         raise
-    sys.stderr.write(MISSING_CRYPTO.format(why=f"no module named {exc.name!r}"))
+    sys.stderr.write(
+        f"client.py: the Python package pycryptodome is missing (no module named "
+        f"{exc.name!r}); install it with `python3 -m pip install -r requirements.txt`, or "
+        "use the project's venv: `. .venv/bin/activate` in each new terminal, or run "
+        "`.venv/bin/python client.py`\n"
+    )
     sys.exit(2)
+
+from display import Line, advance, char_width, input_char, sanitize, text_width, wrap
+from errors import (
+    EXIT_LOST,
+    EXIT_OK,
+    ClientError,
+    ConnectionLost,
+    JoinRefused,
+    NameRefused,
+    ServerFault,
+    TrustError,
+    UsageError,
+)
+from known_hosts import (
+    FINGERPRINT_RE,
+    KnownHosts,
+    check_pin,
+    default_known_hosts,
+    host_key,
+    parse_host_key,
+)
+from session import (
+    BYE_WAIT_S,
+    Joiner,
+    Session,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12345
-CONNECT_TIMEOUT_S = 10.0  # the server's own handshake timeout is 10 s (§4)
 # A connection opened this long ago is not used for a join: the server's handshake timeout
 # (10 s) counts from the TCP accept, and the name may take a person a while to type.
 JOIN_FRESH_S = 6.0
-IDLE_PING_S = 30.0  # §4 Timeouts: "a client idle for 30 s sends a ping"
-PONG_WAIT_S = 30.0  # nothing heard this long after a ping: the server is gone
-BYE_WAIT_S = 2.0  # how long `leave` waits for the server's `bye` before closing
 DRAIN_WAIT_S = 5.0  # on /quit, how long lines still waiting for a rate token may take
-INBOX_MESSAGES = 1000  # read but not shown yet; past it the reader stops reading the socket
 OUTBOX_LINES = 100  # typed but not sent yet; past it a pipe waits, a person is told
 HISTORY_LINES = 500  # lines Up and Down recall
 ESC_WAIT_S = 0.05  # an ESC with nothing after it for this long is the Escape key itself
@@ -141,296 +138,9 @@ RECONNECT_GIVE_UP_S = 300  # a pipe (a script) gives up after this long without 
 REPLAY_IDLE_S = 0.3  # replayed history then nothing for this long: the live part begins
 HISTORY_DEFAULT = 50  # earlier messages shown on joining, on a terminal (a pipe: none)
 MAX_HISTORY = 1_000_000  # --history past this is a typo
-MAX_SANE_RATE = 1_000_000  # a welcome.rate above this is treated as no limit at all
-EXIT_OK, EXIT_LOST, EXIT_USAGE = 0, 1, 2
-FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")  # 32 bytes, unpadded base64
 PROMPT = "> "
 NAME_PROMPT = "your name: "
 BELL_MODES = ("off", "mentions", "all")
-
-
-class ClientError(Exception):
-    """A failure told to the user in one sentence; `exit_code` is what main returns."""
-
-    exit_code = EXIT_LOST
-
-
-class ConnectionLost(ClientError):
-    """The connection is gone or unusable: refused, closed, tampered or malformed."""
-
-
-class ServerFault(ConnectionLost):
-    """The server broke the protocol (a record that does not open, a malformed record or
-    frame): reconnecting to it would not mend that, so the chat ends."""
-
-
-class JoinRefused(ClientError):
-    """The server answered `join` with an error (§4, §5); `code` says which."""
-
-    def __init__(self, code: str, text: str):
-        super().__init__(text)
-        self.code = code
-
-
-class NameRefused(JoinRefused):
-    """`invalid_name`, `name_taken` or `name_reserved`: another name may do."""
-
-
-class UsageError(ClientError):
-    exit_code = EXIT_USAGE
-
-
-class TrustError(ClientError):
-    """The server's fingerprint does not match its pin, or the pins cannot be read."""
-
-    exit_code = EXIT_USAGE
-
-
-# --- trusting the server (§2 Server identity) ---
-
-
-def host_key(host: str, port: int) -> str:
-    """The known_hosts key: `host:port`, with IPv6 addresses in brackets."""
-    host = host.lower()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_host_key(value: str) -> str:
-    """`HOST:PORT` (or `[IPv6]:PORT`) as the user typed it, as a known_hosts key."""
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:12345)")
-    return host_key(host, int(port))
-
-
-def default_known_hosts() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
-    return root / "bcast" / "known_hosts"
-
-
-class KnownHosts:
-    """Pins as lines `host:port SHA256:...`: appended, or replaced atomically; never skipped.
-
-    Only the default file's folders are created (`create_dirs`): a path the user
-    gave whose folder is missing is a typo to report, not a tree to make.
-    """
-
-    def __init__(self, path: Path, create_dirs: bool = False):
-        self.path = path
-        self.create_dirs = create_dirs
-
-    def _read(self) -> list[str]:
-        try:
-            return self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TrustError(f"cannot read {self.path}: {exc}") from None
-
-    def _pins(self, lines: list[str]) -> list[tuple[int, str, str]]:
-        """(line number, host:port, fingerprint) of every pin; a malformed line is an error."""
-        pins = []
-        for number, line in enumerate(lines, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            if len(fields) != 2 or not FINGERPRINT_RE.match(fields[1]) or ":" not in fields[0]:
-                raise TrustError(
-                    f"{self.path} line {number} is malformed (expected 'host:port SHA256:...'): "
-                    f"{sanitize(line)!r}; fix or remove that line"
-                )
-            pins.append((number, fields[0].lower(), fields[1]))
-        return pins
-
-    def lookup(self, key: str) -> tuple[str, int] | None:
-        """(fingerprint, line number) pinned for `key`; a malformed line is a TrustError."""
-        found: tuple[str, int] | None = None
-        for number, host, fp in self._pins(self._read()):
-            if host != key:
-                continue
-            if found and found[0] != fp:
-                raise TrustError(
-                    f"{self.path} pins two different fingerprints for {key} (lines {found[1]} "
-                    f"and {number}); remove the wrong one"
-                )
-            found = found or (fp, number)
-        return found
-
-    def add(self, key: str, fp: str) -> None:
-        """Append one pin (O_APPEND, one write), creating the file 0600 (and the default
-        file's folders 0700)."""
-        self._make_folder()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            lead = b""
-            if size:  # a hand-edited file may lack its final newline
-                with open(self.path, "rb") as f:
-                    f.seek(size - 1)
-                    lead = b"" if f.read(1) == b"\n" else b"\n"
-            os.write(fd, lead + f"{key} {fp}\n".encode())
-        finally:
-            os.close(fd)
-
-    def replace(self, key: str, fp: str | None) -> list[str]:
-        """Put `fp` in place of every pin of `key` (None: remove them), by writing a new file
-        and renaming it over the old one; returns the fingerprints taken out."""
-        lines = self._read()
-        gone = {number: old for number, host, old in self._pins(lines) if host == key}
-        kept = [line for number, line in enumerate(lines, 1) if number not in gone]
-        if fp is not None:
-            kept.append(f"{key} {fp}")
-        self._make_folder()
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        return list(dict.fromkeys(gone.values()))
-
-    def _make_folder(self) -> None:
-        if self.create_dirs:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def check_pin(
-    known: KnownHosts, key: str, fp: str, explicit: str | None, status: Callable[[str], None]
-) -> None:
-    """Trust on first use per `host:port`, or the `--fingerprint` the user gave (§2), which
-    is then pinned too (replacing an older pin, saying so)."""
-    if explicit:
-        if fp != explicit:
-            raise TrustError(
-                f"the server at {key} presents the fingerprint {fp}, not {explicit} as given "
-                "with --fingerprint; not connecting"
-            )
-        pinned = known.lookup(key)
-        if pinned and pinned[0] == fp:
-            return
-        try:
-            known.replace(key, fp)
-        except OSError as exc:
-            status(f"{fp} matches, but cannot be pinned in {known.path}: {exc.strerror or exc}")
-            return
-        was = f", replacing the old pin {pinned[0]}" if pinned else ""
-        status(f"pinned {fp} for {key} in {known.path} as given with --fingerprint{was}")
-        return
-    pinned = known.lookup(key)
-    if pinned is None:
-        try:
-            known.add(key, fp)
-            where = f"pinned in {known.path}"
-        except OSError as exc:
-            where = f"NOT pinned: cannot write {known.path}: {exc.strerror or exc}"
-        status(f"first connection to {key}: server fingerprint {fp} ({where})")
-    elif pinned[0] != fp:
-        bar = "@" * 66
-        raise TrustError(
-            f"{bar}\n@  WARNING: THE FINGERPRINT OF THE SERVER AT {key} HAS CHANGED!\n{bar}\n"
-            f"The server now presents  {fp}\nbut you pinned           {pinned[0]}\n"
-            f"in {known.path} line {pinned[1]}.\n"
-            "Someone may be intercepting the connection, or the server's key was replaced.\n"
-            "If you know the key was replaced on purpose, check the new fingerprint with the "
-            f"server's operator, then run\n    python3 client.py --forget {key}\n"
-            f"(or remove line {pinned[1]} of {known.path}) and connect again. Not connecting."
-        )
-
-
-# --- showing untrusted text ---
-
-# Bidi controls reorder what is shown (Trojan Source); line separators break lines.
-_INVISIBLE = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def sanitize(text: str, newlines: str | None = None) -> str:
-    """`text` with control characters and terminal escapes shown escaped, never interpreted.
-
-    `newlines`, if given, replaces each \\n (and tabs are kept, as spaces).
-    """
-    out = []
-    for ch in text:
-        if ch == "\n" and newlines is not None:
-            out.append(newlines)
-        elif ch == "\t":
-            out.append("    " if newlines is not None else "\\t")
-        elif ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def char_width(ch: str) -> int:
-    """Columns `ch` takes on a terminal: East Asian wide and fullwidth 2, combining marks
-    and zero-width characters 0, others 1 (what the line editor and wrapping count)."""
-    if " " <= ch < "\u0300":
-        return 0 if ch == "\u00ad" else 1
-    category = unicodedata.category(ch)
-    if category in ("Mn", "Me", "Cf", "Cc") or "\u1160" <= ch <= "\u11ff":  # + Hangul jamo
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-
-
-_SGR = re.compile(r"\x1b\[[0-9;]*m")  # our own colour codes: no width
-_CELL = re.compile(r"\x1b\[[0-9;]*m|.", re.DOTALL)
-
-
-def text_width(text: str) -> int:
-    """Columns `text` takes, not counting our colour codes."""
-    return sum(char_width(ch) for ch in _SGR.sub("", text))
-
-
-def advance(row: int, col: int, width: int, cols: int) -> tuple[int, int]:
-    """Where the cursor is after a character of `width` drawn at (row, col), as a terminal
-    wraps: a character that does not fit goes whole to the next row."""
-    if width and col + width > cols:
-        row, col = row + 1, 0
-    return row, col + width
-
-
-def wrap(text: str, cols: int, indent: int) -> list[str]:
-    """`text` (which may hold newlines and our colour codes) as rows of at most `cols`
-    columns, broken at spaces where possible; rows after the first start with `indent`
-    spaces, so a long message hangs under its text, not under its timestamp."""
-    if indent > cols // 2:  # a narrow terminal or a long name: a small indent, not none
-        indent = min(2, indent)
-    rows: list[str] = []
-    for paragraph in text.split("\n"):
-        width = cols if not rows else cols - indent
-        for piece in _wrap_paragraph(paragraph, width, cols - indent):
-            rows.append(piece if not rows else " " * indent + piece)
-    return rows
-
-
-def _wrap_paragraph(text: str, first: int, rest: int) -> list[str]:
-    rows: list[str] = []
-    row, used, width = "", 0, max(1, first)
-    for token in re.findall(r" *[^ ]+| +", text) or [""]:
-        size = text_width(token)
-        if used + size > width and used:  # to the next row, without its leading spaces
-            rows.append(row)
-            row, used, width = "", 0, max(1, rest)
-            token = token.lstrip(" ")
-        for cell in _CELL.findall(token):  # longer than a row: break it anywhere
-            size = 0 if cell.startswith("\x1b") else char_width(cell)
-            if used + size > width and used:
-                rows.append(row)
-                row, used, width = "", 0, max(1, rest)
-            row += cell
-            used += size
-    rows.append(row)
-    return rows
 
 
 _NAME_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
@@ -447,40 +157,6 @@ LEFT_WORDS = {
     "not_allowed": "left (no longer allowed here)",
     "replaced": "left (joined again elsewhere)",
 }
-BYE_WORDS = {
-    "leave": "you left",
-    "timeout": "the server closed the connection: it heard nothing from us for too long",
-    "protocol": "the server closed the connection after a protocol error",
-    "shutdown": "the server is shutting down",
-    "kicked": "you were kicked",
-    "banned": "you were banned",
-    "not_allowed": "you are not allowed on this server (any more)",
-    "replaced": "you joined again from somewhere else, which replaced this connection",
-}
-
-
-def bye_sentence(bye: Bye) -> str:
-    """What a `bye` means, in words: who did it and why, when the server says."""
-    words = BYE_WORDS.get(bye.reason, f"the server closed the connection ({bye.reason})")
-    by = getattr(bye, "by", None)
-    message = getattr(bye, "message", None)
-    if by:
-        words += f" by {sanitize(by)}"
-    if message:
-        words += f": {sanitize(message)}"
-    return sanitize(words)
-
-
-@dataclass(frozen=True)
-class Line:
-    """One thing to show: `text` (our colour codes allowed) wraps with its continuation rows
-    indented by `indent` columns. `status` lines go to stderr in a pipe; `bell` rings."""
-
-    text: str
-    indent: int = 0
-    status: bool = False
-    bell: bool = False
-    ts: int | None = None  # ms since the epoch, for the date rule; None: not a timed line
 
 
 def clock_time(ts_ms: int | None = None) -> time.struct_time | None:
@@ -709,324 +385,6 @@ class Pacer:
         self.tokens += wait * self.refill - 1.0
         self.stamp = now + wait
         return wait
-
-
-def sane_welcome(welcome: Welcome) -> Welcome:
-    """`welcome` with absurd values clamped, so no later arithmetic overflows: a rate past
-    MAX_SANE_RATE (or negative) is no limit, max_text stays within one record."""
-    rate = welcome.rate if 0 <= welcome.rate <= MAX_SANE_RATE else 0
-    max_text = min(max(1, welcome.max_text), MAX_RECORD_PLAINTEXT)
-    if (rate, max_text) == (welcome.rate, welcome.max_text):
-        return welcome
-    return replace(welcome, rate=rate, max_text=max_text)
-
-
-# --- the network session ---
-
-_END = object()  # queued by the reader after the last message
-
-
-class Session:
-    """One connection: handshake, sealed sends, a reader thread, keepalive pings. No terminal.
-
-    `open` connects and checks the server's key; `join` then sends `key` and `join`
-    in one write (§2) and waits for `welcome`; a refused join leaves the keyed
-    connection open for another try.
-    """
-
-    def __init__(self, sock: socket.socket, decoder: FrameDecoder, hello: Hello, fp: str):
-        self.fingerprint = fp
-        self.hello = hello
-        self.welcome: Welcome | None = None
-        self.opened_at = time.monotonic()
-        self._sock = sock
-        self._decoder = decoder
-        self._tx: RecordCipher | None = None  # guarded by _send_lock once start() ran
-        self._rx: RecordCipher | None = None  # the joining thread's, then the reader's
-        self._key_frame = b""  # `key`, until it goes out with the first join
-        self.client_nonce = self.client_eph = b""
-        self._send_lock = threading.Lock()
-        self._early: deque[ServerMessage] = deque()  # what came with welcome, before start()
-        self._inbox: queue.Queue[Any] = queue.Queue(INBOX_MESSAGES)
-        self._closed = threading.Event()
-        self._abandoned = threading.Event()  # close() ran: the reader gives up on a full inbox
-        self._end: ConnectionLost | None = None  # why the connection ended, first cause wins
-        self._bye: Bye | None = None
-        self._last_sent = self._last_heard = time.monotonic()
-        self.idle_ping_s = IDLE_PING_S  # attributes, so tests can shorten them before start()
-        self.pong_wait_s = PONG_WAIT_S
-
-    @classmethod
-    def open(
-        cls,
-        host: str,
-        port: int,
-        verify: Callable[[str], None],
-        timeout: float = CONNECT_TIMEOUT_S,
-    ) -> Session:
-        """Connect, read `hello` and check the server's fingerprint (`verify` raises)."""
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise ConnectionLost(
-                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-            ) from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
-            body = _read_frame(sock, decoder, None)
-            refusal = parse_handshake_error(body)
-            if refusal is not None:
-                why = "the server is full" if refusal.code == "server_full" else "refused"
-                raise ConnectionLost(f"{why}: {sanitize(refusal.message)}")
-            try:
-                hello = parse_hello(body)
-            except ProtocolError as exc:
-                raise ConnectionLost(f"the server's hello is invalid ({exc}); closed") from None
-            fp = fingerprint(hello.key)
-            verify(fp)
-            return cls(sock, decoder, hello, fp)
-        except BaseException:
-            sock.close()
-            raise
-
-    @classmethod
-    def connect(
-        cls,
-        host: str,
-        port: int,
-        name: str,
-        verify: Callable[[str], None],
-        timeout: float = CONNECT_TIMEOUT_S,
-    ) -> Session:
-        """Open and join as `name` in one go; a refusal sends `leave` and closes."""
-        self = cls.open(host, port, verify, timeout)
-        try:
-            self.join(Join(name))
-        except JoinRefused:
-            with contextlib.suppress(ClientError):
-                self._send_now([Leave()])
-            self.close()
-            raise
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    @property
-    def age(self) -> float:
-        return time.monotonic() - self.opened_at
-
-    def prepare_keys(self) -> None:
-        """Derive the session keys (§2) if not done yet; `key` goes out with the next join."""
-        if self._tx is not None:
-            return
-        hello = self.hello
-        try:
-            nonce, wrapped, eph, k_c2s, k_s2c = client_keys(hello.key, hello.nonce, hello.eph)
-        except CryptoError as exc:
-            raise ConnectionLost(f"cannot use the server's keys: {exc}") from None
-        self._tx, self._rx = RecordCipher(k_c2s), RecordCipher(k_s2c)
-        self.client_nonce, self.client_eph = nonce, eph
-        self._key_frame = encode_frame(encode_key(KeyExchange(nonce, wrapped, eph)))
-        self._decoder.max_len = MAX_RECORD_FRAME
-
-    def join(self, join: Join) -> Welcome:
-        """Send `join` (after `key`, in the same write, the first time); wait for `welcome`.
-
-        JoinRefused when the server answers with an error (the connection stays,
-        unless a `bye` follows); ConnectionLost when it closes.
-        """
-        self.prepare_keys()
-        self._send_now([join])
-        while True:
-            msgs = self._read_messages()
-            for i, msg in enumerate(msgs):
-                if isinstance(msg, Welcome):
-                    self.welcome = sane_welcome(msg)
-                    self._early.extend(msgs[i + 1 :])
-                    self._sock.settimeout(None)
-                    return self.welcome
-                if isinstance(msg, Error):
-                    raise join_refusal(msg, join.name)
-                if isinstance(msg, Bye):
-                    raise ConnectionLost(bye_sentence(msg))
-
-    def start(self) -> None:
-        """Start the reader and keepalive threads (after a successful join)."""
-        threading.Thread(target=self._read_loop, name="bcast-reader", daemon=True).start()
-        threading.Thread(target=self._keepalive, name="bcast-keepalive", daemon=True).start()
-
-    def send(self, *msgs: ClientMessage) -> None:
-        """Seal the messages as one record and send it."""
-        with self._send_lock:  # seal and send together: counter order is wire order (§3)
-            self._sendall(self._seal(list(msgs)))
-
-    def _send_now(self, msgs: list[ClientMessage]) -> None:
-        """Send before start(): `key` first if it has not gone out yet (§2: in one write)."""
-        with self._send_lock:
-            frame, self._key_frame = self._key_frame + self._seal(msgs), b""
-            self._sendall(frame)
-
-    def recv(self, timeout: float | None = None) -> ServerMessage:
-        """The next message; ConnectionLost once the connection is over; queue.Empty on timeout."""
-        if self._early:
-            return self._early.popleft()
-        item = self._inbox.get(timeout=timeout)
-        if item is _END:
-            self._inbox.put(_END)
-            raise self._end or ConnectionLost("the connection is closed")
-        return item
-
-    def leave(self, timeout: float = BYE_WAIT_S) -> None:
-        """Send `leave`, wait a little for the server to close (after `bye`), close."""
-        with contextlib.suppress(ClientError):
-            self.send(Leave())
-            self._closed.wait(timeout)
-        self.close()
-
-    @property
-    def end(self) -> ConnectionLost | None:
-        """Why the connection ended (first cause), once it has."""
-        return self._end
-
-    @property
-    def bye(self) -> Bye | None:
-        """The server's `bye`, if one came."""
-        return self._bye
-
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        return self._closed.wait(timeout)
-
-    def close(self) -> None:
-        self._abandoned.set()
-        self._shutdown()
-        self._sock.close()
-
-    def _shutdown(self) -> None:
-        """Wake the reader (recv returns) without freeing the fd under another thread."""
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _seal(self, msgs: list[ClientMessage]) -> bytes:
-        """One framed record; the caller holds `_send_lock`."""
-        assert self._tx is not None
-        if self._tx.exhausted:  # §3: close before the counter would reach 2**32
-            self._shutdown()
-            raise ConnectionLost("the record counter is used up; reconnect")
-        return encode_frame(self._tx.seal(join_record([encode_client_message(m) for m in msgs])))
-
-    def _sendall(self, frame: bytes) -> None:
-        try:
-            self._sock.sendall(frame)
-        except OSError as exc:
-            raise ConnectionLost(f"connection lost while sending: {exc.strerror or exc}") from None
-        self._last_sent = time.monotonic()
-
-    def _read_messages(self) -> list[ServerMessage]:
-        body = _read_frame(self._sock, self._decoder, self._closed_words)
-        self._last_heard = time.monotonic()
-        assert self._rx is not None
-        try:
-            plain = self._rx.open(body)
-        except CryptoError as exc:  # §3: close at once, no bye, do not try the next one
-            self._shutdown()
-            raise ServerFault(f"a record from the server failed to open ({exc}); closed") from None
-        try:  # the server's batches are not limited to 64 messages (§3)
-            msgs = [parse_server_message(obj) for obj in decode_record(plain, None)]
-        except ProtocolError as exc:
-            self._shutdown()
-            raise ServerFault(f"the server sent a malformed record ({exc}); closed") from None
-        for msg in msgs:
-            if isinstance(msg, Bye):
-                self._bye = msg
-        return msgs
-
-    def _closed_words(self) -> str:
-        return bye_sentence(self._bye) if self._bye else "the server closed the connection"
-
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                for msg in self._read_messages():
-                    self._put(msg)
-        except ConnectionLost as exc:
-            self._end = self._end or exc
-        finally:
-            self._shutdown()
-            self._closed.set()
-            self._put(_END)
-
-    def _put(self, item: Any) -> None:
-        """Queue for the display; a full queue stops this thread, and so the socket's reading
-        (backpressure reaches the server, which drops a client that falls too far behind)."""
-        while not self._abandoned.is_set():
-            with contextlib.suppress(queue.Full):
-                self._inbox.put(item, timeout=0.2)
-                return
-
-    def _keepalive(self) -> None:
-        """§4 Timeouts: ping after `idle_ping_s` without sending; give up if pings go unanswered."""
-        ping_at: float | None = None
-        wait = self.idle_ping_s
-        while not self._closed.wait(wait):
-            now = time.monotonic()
-            if ping_at is not None and self._last_heard < ping_at:
-                if now - ping_at >= self.pong_wait_s:
-                    self._end = ConnectionLost("the server stopped answering; connection lost")
-                    self._shutdown()
-                    return
-            else:
-                ping_at = None
-            if now - self._last_sent >= self.idle_ping_s:
-                with contextlib.suppress(ClientError):
-                    self.send(Ping(None))
-                ping_at = ping_at or time.monotonic()
-            wakes = [self._last_sent + self.idle_ping_s]
-            if ping_at is not None:
-                wakes.append(ping_at + self.pong_wait_s)
-            wait = max(0.01, min(wakes) - time.monotonic())
-
-
-JOIN_WORDS = {
-    "name_taken": "the name {name} is taken",
-    "name_reserved": "{name}'s name is reserved for another key",
-    "bad_identity": "the server did not accept our identity proof: {message}",
-    "not_allowed": "this server admits listed identities only, and ours is not listed",
-    "banned": "you are banned from this server: {message}",
-}
-
-
-def join_refusal(err: Error, name: str) -> JoinRefused:
-    """The error answering `join`, as one sentence (§4, §5: the codes stay out of sight)."""
-    words = JOIN_WORDS.get(err.code, "the server refused to let us join: {message}")
-    text = words.format(name=sanitize(name), message=sanitize(err.message))
-    if err.code == "invalid_name":
-        text = f"the server refused the name {sanitize(name)}: {sanitize(err.message)}"
-    kind = NameRefused if err.code in ("invalid_name", "name_taken", "name_reserved") else None
-    return (kind or JoinRefused)(err.code, text)
-
-
-def _read_frame(
-    sock: socket.socket, decoder: FrameDecoder, note: Callable[[], str] | None
-) -> bytes:
-    """One frame body; reads at most what the frame needs, so a bad length stops at 4 bytes."""
-    while True:
-        try:
-            body = decoder.next_frame()
-        except ProtocolError as exc:
-            raise ServerFault(f"the server sent a bad frame ({exc}); closed") from None
-        if body is not None:
-            return body
-        try:
-            data = sock.recv(decoder.wants())
-        except socket.timeout:
-            raise ConnectionLost("the server did not answer in time") from None
-        except OSError as exc:
-            raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from None
-        if not data:
-            raise ConnectionLost(note() if note else "the server closed the connection")
-        decoder.feed(data)
 
 
 # --- commands ---
@@ -1360,11 +718,6 @@ Completer = Callable[[str], tuple[str, list[str]]]
 _LEAVE = object()  # what a key returns to end read_line with None
 
 
-def _shown(ch: str) -> str:
-    """How the editor draws a character of the input line (controls escaped)."""
-    return sanitize(ch) if ch in _INVISIBLE or unicodedata.category(ch) in ("Cs", "Zl") else ch
-
-
 class Console(_Waker):
     """The terminal: a raw-mode line editor that owns the input line, and `show`, which
     prints above it. Every write to the terminal happens under `_lock`, with the input
@@ -1508,7 +861,7 @@ class Console(_Waker):
             row, col = advance(row, col, char_width(ch), cols)
         parts, cursor = [self._prompt], (row, col)
         for i, ch in enumerate(self._buf):
-            shown = _shown(ch)
+            shown = input_char(ch)
             if i == self._pos:
                 cursor = (row, col)
             parts.append(shown)
@@ -1758,42 +1111,6 @@ def default_identity() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or ""
     root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
     return root / "bcast" / "identity.pem"
-
-
-class Joiner:
-    """How to (re)connect: the server and its pin check, our identity (§5) and how much
-    history to ask for (§6)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        verify: Callable[[str], None],
-        identity: Any = None,
-        history: int = 0,
-    ):
-        self.host, self.port, self.verify = host, port, verify
-        self.identity = identity  # an Ed25519 key, or None for a guest
-        self.history = history
-
-    def open(self) -> Session:
-        return Session.open(self.host, self.port, self.verify)
-
-    def join(self, session: Session, name: str, since: int | None = None) -> Welcome:
-        """Join as `name`, proving our identity on this connection (§5); `since` resumes
-        (§6: every kept message after it), else `history` asks for the latest ones."""
-        identity = proof = None
-        if self.identity is not None:
-            session.prepare_keys()
-            hello = session.hello
-            transcript = identity_transcript(
-                hello.key, hello.nonce, session.client_nonce, hello.eph, session.client_eph
-            )
-            identity = identity_public(self.identity)
-            proof = sign_identity(self.identity, transcript)
-        history = None if since is not None else self.history
-        name = unicodedata.normalize("NFKC", name)
-        return session.join(Join(name, identity, proof, history=history, since=since))
 
 
 # A `bye` after which reconnecting would be wrong (§6 Resume).

@@ -29,20 +29,12 @@ from refpeer import connect_and_join
 import client
 import crypto_utils
 import protocol
-from client import (
-    ConnectionLost,
-    KnownHosts,
-    NameRefused,
-    Pacer,
-    Session,
-    Style,
-    TrustError,
-    check_pin,
-    host_key,
-    parse_line,
-    sanitize,
-)
+from client import Pacer, Style, parse_line
+from display import char_width, sanitize, text_width, wrap
+from errors import ConnectionLost, NameRefused, TrustError
+from known_hosts import KnownHosts, check_pin, host_key
 from protocol import DirectMessage, Error, Joined, Left, Message, Users
+from session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client.py"
@@ -292,7 +284,7 @@ def test_newline_in_text_cannot_forge_a_message() -> None:
     text = "hi\n[12:00:00] <bob> x\tz"
     assert sanitize(text, newlines="\n") == "hi\n[12:00:00] <bob> x    z"
     line = Style(colour=False, multiline=True).message(Message(1, "eve", text, 0))
-    rows = client.wrap(line.text, 60, line.indent)
+    rows = wrap(line.text, 60, line.indent)
     assert rows[0].endswith("<eve> hi") and rows[1] == " " * 17 + "[12:00:00] <bob> x    z"
     assert (
         Style(colour=False)
@@ -320,8 +312,8 @@ def test_newline_in_text_cannot_forge_a_message() -> None:
 )
 def test_wrap_hangs_under_the_text(text: str, cols: int, indent: int, rows: list[str]) -> None:
     """Issue 15: long messages wrap at spaces with a hanging indent, by display columns."""
-    assert client.wrap(text, cols, indent) == rows
-    assert all(client.text_width(row) <= cols for row in rows)
+    assert wrap(text, cols, indent) == rows
+    assert all(text_width(row) <= cols for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +331,7 @@ def test_wrap_hangs_under_the_text(text: str, cols: int, indent: int, rows: list
 )
 def test_char_width_counts_display_columns(ch: str, width: int) -> None:
     """Issue 15 bug 2: East Asian wide and fullwidth take 2 columns; marks and zero-width 0."""
-    assert client.char_width(ch) == width
+    assert char_width(ch) == width
 
 
 def test_style_colour_on_and_off() -> None:
@@ -572,9 +564,7 @@ def test_key_and_join_go_in_one_write(server_key, monkeypatch) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(self._sock, name)
 
-    monkeypatch.setattr(
-        client.socket, "create_connection", lambda *a, **k: Recording(real(*a, **k))
-    )
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Recording(real(*a, **k)))
     with FakeServer(server_key) as fake:
         session = Session.connect(fake.host, fake.port, "alice", no_pin)
         session.close()

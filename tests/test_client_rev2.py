@@ -39,6 +39,8 @@ from test_client import (
 import client
 import crypto_utils
 import protocol
+from errors import ConnectionLost
+from session import INBOX_MESSAGES, Session, sane_welcome
 
 FP = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
@@ -433,7 +435,7 @@ def test_absurd_welcome_values_do_not_crash(server_key, tmp_path: Path) -> None:
         done = pipe_client(tmp_path, fake.port, "--name", "ana", stdin="a\nb\n")
     assert done.returncode == 0, done.stderr
     assert got == ["a", "b"]
-    assert client.sane_welcome(protocol.Welcome("a", [], 10**30, -1)).rate == 0
+    assert sane_welcome(protocol.Welcome("a", [], 10**30, -1)).rate == 0
 
 
 def test_a_reader_that_falls_behind_pushes_back_on_the_socket(server_key) -> None:
@@ -454,10 +456,10 @@ def test_a_reader_that_falls_behind_pushes_back_on_the_socket(server_key) -> Non
             blocked.set()
 
     with FakeServer(server_key, flood) as fake:
-        session = client.Session.connect(fake.host, fake.port, "ana", lambda fp: None)
+        session = Session.connect(fake.host, fake.port, "ana", lambda fp: None)
         session.start()
         assert blocked.wait(4 * T)
-        assert session._inbox.qsize() <= client.INBOX_MESSAGES
+        assert session._inbox.qsize() <= INBOX_MESSAGES
         session.close()
     os.sched_yield()
 
@@ -497,8 +499,8 @@ def test_a_pipe_gives_up_reconnecting_in_the_end(monkeypatch) -> None:
     class Unreachable:
         identity = None
 
-        def open(self) -> client.Session:
-            raise client.ConnectionLost("cannot connect to 127.0.0.1:9: Connection refused")
+        def open(self) -> Session:
+            raise ConnectionLost("cannot connect to 127.0.0.1:9: Connection refused")
 
     monkeypatch.setattr(client, "RECONNECT_FIRST_S", 0.001)
     monkeypatch.setattr(client, "RECONNECT_GIVE_UP_S", 0.05)
@@ -508,7 +510,7 @@ def test_a_pipe_gives_up_reconnecting_in_the_end(monkeypatch) -> None:
     io.wake = lambda reason: None
     session = type("S", (), {"welcome": welcome})()
     chat = client.Chat(io, client.Style(False), Unreachable(), session, "off")
-    lost = client.ConnectionLost("the server closed the connection")
+    lost = ConnectionLost("the server closed the connection")
     assert chat._reconnect(lost) is False
     assert chat._end is not None and chat._end.exit_code == 1
     assert str(chat._end) == "the server closed the connection; no reconnection for 0.05 s"
