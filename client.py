@@ -1,12 +1,12 @@
-"""bcast/1 chat client: the chat and the terminal, on a network session (PROTOCOL.md).
+"""bcast/1 chat client: the chat, on a network session and a terminal (PROTOCOL.md).
 
 Moved out so far: `session.py` (one connection: handshake, records, the bounded
-inbox; `Joiner`), `known_hosts.py` (pins), `display.py` (escaping, display width,
-wrapping, `Line`), `errors.py` (every failure and its exit status). `Chat` is the
-conversation: it shows what arrives, turns typed lines into messages and sends them
-from its own thread, paced to the server's rate. Input and output go through one
-`Console` (a raw-mode line editor that owns the input line, so whatever arrives is
-printed above it) or one `Pipe` (lines in, lines out).
+inbox; `Joiner`), `known_hosts.py` (pins), `console.py` (`Console`, the terminal
+with its line editor, and `Pipe`), `lineedit.py` (keys and the edited line, pure),
+`display.py` (escaping, display width, wrapping, `Line`), `errors.py` (every
+failure and its exit status). `Chat` is the conversation: it shows what arrives,
+turns typed lines into messages and sends them from its own thread, paced to the
+server's rate.
 
 Threads: the main thread reads input and hands each line to `Chat.handle`;
 the chat's network thread shows what the session receives; its sender thread
@@ -23,25 +23,21 @@ user list and the counters the network and main threads share.
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import os
 import queue
 import random
 import re
-import select
 import signal
-import stat
 import sys
 import threading
 import time
-import unicodedata
 import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from protocol import (
     MAX_CLIENT_RECORD_MESSAGES,
@@ -97,7 +93,8 @@ except ModuleNotFoundError as exc:
     )
     sys.exit(2)
 
-from display import Line, advance, char_width, input_char, sanitize, text_width, wrap
+from console import PROMPT, Console, Pipe, Woken
+from display import Line, sanitize, text_width
 from errors import (
     EXIT_LOST,
     EXIT_OK,
@@ -130,15 +127,12 @@ DEFAULT_PORT = 12345
 JOIN_FRESH_S = 6.0
 DRAIN_WAIT_S = 5.0  # on /quit, how long lines still waiting for a rate token may take
 OUTBOX_LINES = 100  # typed but not sent yet; past it a pipe waits, a person is told
-HISTORY_LINES = 500  # lines Up and Down recall
-ESC_WAIT_S = 0.05  # an ESC with nothing after it for this long is the Escape key itself
 RECONNECT_FIRST_S = 1.0  # §6 Resume: the first wait after a lost connection, doubled each try
 RECONNECT_MAX_S = 30.0  # ... up to this
 RECONNECT_GIVE_UP_S = 300  # a pipe (a script) gives up after this long without a connection
 REPLAY_IDLE_S = 0.3  # replayed history then nothing for this long: the live part begins
 HISTORY_DEFAULT = 50  # earlier messages shown on joining, on a terminal (a pipe: none)
 MAX_HISTORY = 1_000_000  # --history past this is a typo
-PROMPT = "> "
 NAME_PROMPT = "your name: "
 BELL_MODES = ("off", "mentions", "all")
 
@@ -492,555 +486,6 @@ def _arguments(name: str, rest: str) -> tuple[Any, ...] | None:
     if not 0 < minutes <= MAX_MINUTES:
         return None
     return ("ban", first, minutes, reason.strip() or None)
-
-
-# --- input and output ---
-
-
-class Woken(Exception):
-    """`read_line` was interrupted by `wake(reason)`: "end" (the chat is over), "leave"
-    (a signal asks to leave now), "stdout" (standard output is gone) or "eof"."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Waker:
-    """A self-pipe that `read_line`'s select() also watches, so any thread (or a signal
-    handler: it takes no lock) can interrupt a blocking read."""
-
-    def __init__(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._reason: str | None = None
-
-    @property
-    def reason(self) -> str | None:
-        """Why `wake` was called, if it was."""
-        return self._reason
-
-    def wake(self, reason: str) -> None:
-        self._reason = self._reason or reason
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"!")
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.read(self._wake_r, 4096)
-
-    def close_waker(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class Pipe(_Waker):
-    """Pipe mode: input lines from a file descriptor; messages to stdout, status to stderr."""
-
-    interactive = False
-
-    def __init__(self, fd: int, out: TextIO, err: TextIO):
-        super().__init__()
-        self.fd, self.out, self.err = fd, out, err
-        self._lock = threading.Lock()  # guards the two streams
-        self._buf = b""
-        self._eof = False
-
-    def __enter__(self) -> Pipe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close_waker()
-
-    def show(self, line: Line) -> None:
-        with self._lock:
-            stream = self.err if line.status else self.out
-            try:
-                stream.write(line.text + "\n")
-                stream.flush()
-            except BrokenPipeError:  # stdout closed (`| head`): leave, exit cleanly
-                self._stdout_gone()
-            except (OSError, ValueError):
-                pass  # a broken stream must not take the session down
-
-    def wait_woken(self) -> str:
-        """Block until `wake`; its reason."""
-        while self._reason is None:
-            select.select([self._wake_r], [], [])
-            self._drain_wake()
-        return self._reason
-
-    def read_line(self, prompt: str | None = None, completer: Any = None) -> str | None:
-        """The next input line without its end; None at end of input."""
-        while b"\n" not in self._buf and not self._eof:
-            ready, _, _ = select.select([self.fd, self._wake_r], [], [])
-            if self._wake_r in ready:
-                self._drain_wake()
-                if self._reason:
-                    raise Woken(self._reason)
-            if self.fd in ready:
-                data = os.read(self.fd, 65536)
-                self._buf += data
-                self._eof = not data
-        if not self._buf:
-            return None
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode("utf-8", "surrogateescape").removesuffix("\r")
-
-    def watch_stdout(self) -> None:
-        """Notice a closed pipe at once, even when nothing more is to be written (poll's
-        POLLERR on a pipe whose reader is gone; POLLHUP on a socket)."""
-        try:
-            mode = os.fstat(self.out.fileno()).st_mode
-        except (OSError, ValueError):
-            return
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            return
-
-        def watch() -> None:
-            poller = select.poll()
-            poller.register(self.out.fileno(), select.POLLERR | select.POLLHUP)
-            with contextlib.suppress(OSError, ValueError):
-                if poller.poll():
-                    with self._lock:
-                        self._stdout_gone()
-
-        threading.Thread(target=watch, name="bcast-stdout-watch", daemon=True).start()
-
-    def _stdout_gone(self) -> None:
-        """Point stdout at /dev/null (so exiting prints no EPIPE noise), then leave."""
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-        self.wake("stdout")
-
-
-# Keys of a raw terminal: a typed character is itself, other keys have names.
-CONTROL_KEYS = {
-    "\r": "enter",
-    "\n": "enter",
-    "\x7f": "backspace",
-    "\x08": "backspace",
-    "\t": "tab",
-    "\x01": "home",
-    "\x05": "end",
-    "\x02": "left",
-    "\x06": "right",
-    "\x10": "up",
-    "\x0e": "down",
-    "\x03": "ctrl-c",
-    "\x04": "ctrl-d",
-    "\x15": "kill-start",
-    "\x0b": "kill-end",
-    "\x17": "kill-word",
-    "\x0c": "redraw",
-}
-CSI_KEYS = {
-    "A": "up",
-    "B": "down",
-    "C": "right",
-    "D": "left",
-    "H": "home",
-    "F": "end",
-    "1~": "home",
-    "7~": "home",
-    "4~": "end",
-    "8~": "end",
-    "3~": "delete",
-    "1;5C": "word-right",
-    "1;3C": "word-right",
-    "1;5D": "word-left",
-    "1;3D": "word-left",
-}
-SS3_KEYS = {"A": "up", "B": "down", "C": "right", "D": "left", "H": "home", "F": "end"}
-ALT_KEYS = {"b": "word-left", "f": "word-right", "\x7f": "kill-word"}
-_CSI = re.compile(r"\x1b\[([0-?]*[ -/]*)([@-~])")
-_CSI_PARTIAL = re.compile(r"\x1b\[[0-?]*[ -/]*")
-
-
-class KeyDecoder:
-    """Bytes typed on a raw terminal to keys: characters, or names for the other keys."""
-
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._text = ""
-
-    @property
-    def pending(self) -> bool:
-        """An escape sequence may be incomplete: wait a little for the rest."""
-        return bool(self._text)
-
-    def feed(self, data: bytes) -> list[str]:
-        self._text += self._utf8.decode(data)
-        return self._parse(final=False)
-
-    def flush(self) -> list[str]:
-        return self._parse(final=True)
-
-    def _parse(self, final: bool) -> list[str]:
-        keys, text, i = [], self._text, 0
-        while i < len(text):
-            ch = text[i]
-            if ch != "\x1b":
-                keys.append(CONTROL_KEYS.get(ch, ch))
-                i += 1
-                continue
-            key, end = self._escape(text, i)
-            if key is None:  # incomplete: wait for more, unless nothing more is coming
-                if not final:
-                    break
-                key, end = "esc", i + 1
-            keys.append(key)
-            i = end
-        self._text = text[i:]
-        return keys
-
-    @staticmethod
-    def _escape(text: str, i: int) -> tuple[str | None, int]:
-        if i + 1 >= len(text):
-            return None, i
-        nxt = text[i + 1]
-        if nxt == "[":
-            m = _CSI.match(text, i)
-            if m:
-                return CSI_KEYS.get(m.group(1) + m.group(2), "unknown"), m.end()
-            if _CSI_PARTIAL.fullmatch(text, i):
-                return None, i
-            return "esc", i + 1
-        if nxt == "O":
-            if i + 2 >= len(text):
-                return None, i
-            return SS3_KEYS.get(text[i + 2], "unknown"), i + 3
-        return ALT_KEYS.get(nxt, "unknown"), i + 2
-
-
-Completer = Callable[[str], tuple[str, list[str]]]
-_LEAVE = object()  # what a key returns to end read_line with None
-
-
-class Console(_Waker):
-    """The terminal: a raw-mode line editor that owns the input line, and `show`, which
-    prints above it. Every write to the terminal happens under `_lock`, with the input
-    area erased first and drawn again after, so nothing can land on the prompt.
-
-    Positions are counted in display columns (`char_width`), as the terminal wraps.
-    """
-
-    interactive = True
-
-    def __init__(self, fd: int, out: TextIO):
-        super().__init__()
-        self.fd, self.out = fd, out
-        self._lock = threading.Lock()  # guards the screen and every field below
-        self._prompt = PROMPT
-        self._buf: list[str] = []
-        self._pos = 0
-        self._active = False  # a line is being edited: show() draws it again after printing
-        self._drawn = False  # the prompt and the line are on the screen
-        self._cursor_row = 0  # rows from the top of the input area down to the cursor
-        self._end = (0, 0)  # (row, column) just after the input area, once drawn
-        self._completer: Completer | None = None
-        self._tabbed = False  # the last key was Tab (a second Tab lists the candidates)
-        self._history: list[str] = []
-        self._recall = 0  # index into _history while Up/Down browse it
-        self._draft = ""  # the line being typed before Up was pressed
-        self._keys = KeyDecoder()
-        self._typed: deque[str] = deque()  # keys read but not handled yet (after Enter)
-        self._resized = False
-        self._saved: Any = None
-        self._old_winch: Any = None
-
-    # -- the terminal mode --
-
-    def __enter__(self) -> Console:
-        import termios
-
-        self._saved = termios.tcgetattr(self.fd)
-        raw = termios.tcgetattr(self.fd)
-        raw[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)
-        raw[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
-        raw[6][termios.VMIN], raw[6][termios.VTIME] = 1, 0
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, raw)  # output processing stays on
-        if threading.current_thread() is threading.main_thread():
-            self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import termios
-
-        self.finish(keep=True)
-        if self._old_winch is not None:
-            signal.signal(signal.SIGWINCH, self._old_winch)
-        with contextlib.suppress(OSError):
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-        self.close_waker()
-
-    def _on_winch(self, signum: int, frame: Any) -> None:
-        self._resized = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"!")
-
-    # -- output --
-
-    def show(self, line: Line) -> None:
-        """Print `line` (wrapped to the width) above the input line, which stays as it was."""
-        with self._lock:
-            cols = self._cols()
-            text = "\n".join(wrap(line.text, cols, line.indent))
-            self._erase()
-            self._write(text + "\n" + ("\a" if line.bell else ""))
-            if self._active:
-                self._draw()
-            self._flush()
-
-    def clear(self) -> None:
-        """Clear the screen; the input line is drawn again at the top."""
-        with self._lock:
-            self._write("\x1b[H\x1b[2J")
-            self._drawn = False
-            if self._active:
-                self._draw()
-            self._flush()
-
-    def put_back(self, text: str) -> None:
-        """Make `text` the line being typed again (a line that could not be sent)."""
-        with self._lock:
-            self._erase()
-            self._buf, self._pos = list(text), len(text)
-            if self._active:
-                self._draw()
-            self._flush()
-
-    def set_prompt(self, prompt: str) -> None:
-        with self._lock:
-            self._erase()
-            self._prompt = prompt
-            if self._active:
-                self._draw()
-            self._flush()
-
-    def finish(self, keep: bool) -> None:
-        """Stop editing: leave the line on the screen (`keep`) with the cursor below it,
-        or erase it."""
-        with self._lock:
-            if self._drawn and keep:
-                down = self._end[0] - self._cursor_row
-                self._write((f"\x1b[{down}B" if down else "") + ("\r\n" if self._end[1] else "\r"))
-                self._drawn = False
-            self._erase()
-            self._active = False
-            self._flush()
-
-    def _cols(self) -> int:
-        try:
-            return max(8, os.get_terminal_size(self.out.fileno()).columns)
-        except (OSError, ValueError):
-            return 80
-
-    def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.out.write(text)
-
-    def _flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.out.flush()
-
-    def _erase(self) -> None:
-        """Remove the input area from the screen; the cursor ends where it began."""
-        if self._drawn:
-            up = self._cursor_row
-            self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J")
-            self._drawn = False
-
-    def _draw(self) -> None:
-        """Draw the prompt and the line, counting columns as the terminal wraps them, and put
-        the cursor where it belongs."""
-        cols = self._cols()
-        row = col = 0
-        for ch in self._prompt:
-            row, col = advance(row, col, char_width(ch), cols)
-        parts, cursor = [self._prompt], (row, col)
-        for i, ch in enumerate(self._buf):
-            shown = input_char(ch)
-            if i == self._pos:
-                cursor = (row, col)
-            parts.append(shown)
-            for c in shown:
-                row, col = advance(row, col, char_width(c), cols)
-        if self._pos >= len(self._buf):
-            cursor = (row, col)
-        if col == cols:  # the wrap is pending: a space makes the terminal take it
-            parts.append(" \r")
-            row, col = row + 1, 0
-        cursor = self._cursor_at(cursor, cols)
-        up = row - cursor[0]
-        parts.append((f"\x1b[{up}A" if up else "") + "\r")
-        if cursor[1]:
-            parts.append(f"\x1b[{cursor[1]}C")
-        self._write("".join(parts))
-        self._drawn, self._cursor_row, self._end = True, cursor[0], (row, col)
-
-    def _cursor_at(self, at: tuple[int, int], cols: int) -> tuple[int, int]:
-        """The cursor's cell: at the start of the next row when the row is full or the
-        character under the cursor will not fit on it (a wide one in the last column)."""
-        row, col = at
-        nxt = char_width(self._buf[self._pos]) if self._pos < len(self._buf) else 1
-        if col == cols or col + nxt > cols:
-            return row + 1, 0
-        return row, col
-
-    # -- input --
-
-    def read_line(
-        self, prompt: str | None = PROMPT, completer: Completer | None = None
-    ) -> str | None:
-        """One line as typed (Enter); None to leave (Ctrl-D, or Ctrl-C on an empty line).
-
-        `prompt` None keeps the current one (set_prompt may change it meanwhile).
-        Raises Woken when another thread or a signal interrupts it.
-        """
-        with self._lock:
-            if prompt is not None and prompt != self._prompt:
-                self._erase()
-                self._prompt = prompt
-            self._completer, self._active = completer, True
-            if not self._drawn:
-                self._draw()
-            self._flush()
-        while True:
-            while not self._typed:
-                self._typed.extend(self._next_keys())
-            key = self._typed.popleft()
-            with self._lock:
-                done = self._on_key(key)
-                self._flush()
-            if done is _LEAVE:
-                return None
-            if done is not None:
-                return done
-
-    def _next_keys(self) -> list[str]:
-        wait = ESC_WAIT_S if self._keys.pending else None
-        ready, _, _ = select.select([self.fd, self._wake_r], [], [], wait)
-        if not ready:
-            return self._keys.flush()
-        if self._wake_r in ready:
-            self._drain_wake()
-            if self._resized:
-                self._resized = False
-                with self._lock:
-                    self._erase()
-                    self._draw()
-                    self._flush()
-            if self._reason:
-                raise Woken(self._reason)
-        if self.fd in ready:
-            try:
-                data = os.read(self.fd, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                raise Woken("eof")
-            return self._keys.feed(data)
-        return []
-
-    def _on_key(self, key: str) -> Any:
-        """Apply one key under the lock; the finished line, _LEAVE, or None to go on."""
-        tabbed, self._tabbed = self._tabbed, key == "tab"
-        if len(key) == 1:
-            if unicodedata.category(key) != "Cc":
-                self._buf.insert(self._pos, key)
-                self._pos += 1
-        elif key == "enter":
-            return self._submit()
-        elif key in ("ctrl-c", "ctrl-d") and not self._buf:
-            return _LEAVE
-        elif key == "ctrl-c":  # like a shell: drop the draft
-            self._buf, self._pos = [], 0
-        elif key == "tab":
-            self._complete(list_all=tabbed)
-        elif key == "redraw":
-            self._write("\x1b[H\x1b[2J")
-            self._drawn = False
-        else:
-            self._edit(key)
-        self._erase()
-        self._draw()
-        return None
-
-    def _edit(self, key: str) -> None:
-        buf, pos = self._buf, self._pos
-        if key == "backspace" and pos:
-            del buf[pos - 1]
-            pos -= 1
-        elif key in ("delete", "ctrl-d") and pos < len(buf):
-            del buf[pos]
-        elif key == "left":
-            pos = max(0, pos - 1)
-        elif key == "right":
-            pos = min(len(buf), pos + 1)
-        elif key == "home":
-            pos = 0
-        elif key == "end":
-            pos = len(buf)
-        elif key in ("word-left", "kill-word"):
-            start = pos
-            while start and buf[start - 1] == " ":
-                start -= 1
-            while start and buf[start - 1] != " ":
-                start -= 1
-            if key == "kill-word":
-                del buf[start:pos]
-            pos = start
-        elif key == "word-right":
-            while pos < len(buf) and buf[pos] == " ":
-                pos += 1
-            while pos < len(buf) and buf[pos] != " ":
-                pos += 1
-        elif key == "kill-start":
-            del buf[:pos]
-            pos = 0
-        elif key == "kill-end":
-            del buf[pos:]
-        elif key in ("up", "down"):
-            self._browse(-1 if key == "up" else 1)
-            return
-        self._pos = pos
-
-    def _browse(self, step: int) -> None:
-        """Up and Down: earlier lines; past the newest, the line that was being typed."""
-        at = self._recall + step
-        if not 0 <= at <= len(self._history):
-            return
-        if self._recall == len(self._history):
-            self._draft = "".join(self._buf)
-        self._recall = at
-        text = self._history[at] if at < len(self._history) else self._draft
-        self._buf, self._pos = list(text), len(text)
-
-    def _submit(self) -> str:
-        line = "".join(self._buf)
-        self._erase()
-        self._buf, self._pos = [], 0
-        if line.strip() and (not self._history or self._history[-1] != line):
-            self._history = [*self._history, line][-HISTORY_LINES:]
-        self._recall = len(self._history)
-        return line
-
-    def _complete(self, list_all: bool) -> None:
-        """Tab: complete the word before the cursor; a second Tab lists the candidates."""
-        if self._completer is None:
-            return
-        before = "".join(self._buf[: self._pos])
-        done, candidates = self._completer(before)
-        if done != before:
-            self._buf[: self._pos] = list(done)
-            self._pos = len(done)
-        elif candidates and list_all:
-            self._erase()
-            cols = self._cols()
-            listed = "  ".join(sanitize(c) for c in candidates)
-            self._write("\n".join(wrap(listed, cols, 0)) + "\n")
 
 
 # --- the chat ---

@@ -33,6 +33,7 @@ from client import Pacer, Style, parse_line
 from display import char_width, sanitize, text_width, wrap
 from errors import ConnectionLost, NameRefused, TrustError
 from known_hosts import KnownHosts, check_pin, host_key
+from lineedit import KeyDecoder
 from protocol import DirectMessage, Error, Joined, Left, Message, Users
 from session import Session
 
@@ -1195,9 +1196,9 @@ def test_key_decoder_splits_anywhere() -> None:
     data = "a漢\x1b[D\x1b[1;5C\x1bOH\x7f\r\x03\t\x1b[3~é".encode()
     want = ["a", "漢", "left", "word-right", "home", "backspace", "enter", "ctrl-c", "tab"]
     want += ["delete", "é"]
-    assert client.KeyDecoder().feed(data) == want
+    assert KeyDecoder().feed(data) == want
     for cut in range(1, len(data)):
-        keys = client.KeyDecoder()
+        keys = KeyDecoder()
         assert keys.feed(data[:cut]) + keys.feed(data[cut:]) == want, cut
-    lone = client.KeyDecoder()
+    lone = KeyDecoder()
     assert lone.feed(b"\x1b") == [] and lone.pending and lone.flush() == ["esc"]
