@@ -403,3 +403,18 @@ class Console(_Waker):
             self._erase()
             listed = "  ".join(sanitize(c) for c in candidates)
             self._write("\n".join(wrap(listed, self._cols(), 0)) + "\n")
+
+
+@contextlib.contextmanager
+def signals_handled(signums: tuple[int, ...], handler: Any) -> Iterator[None]:
+    """While inside, `handler` handles `signums`. Only the main thread may set handlers;
+    on another (a test's) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = [signal.signal(signum, handler) for signum in signums]
+    try:
+        yield
+    finally:
+        for signum, was in zip(signums, old):
+            signal.signal(signum, was)

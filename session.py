@@ -70,7 +70,7 @@ BYE_WAIT_S = 2.0  # how long `leave` waits for the server's `bye` before closing
 INBOX_MESSAGES = 1000  # read but not shown yet; past it the reader stops reading the socket
 MAX_SANE_RATE = 1_000_000  # a welcome.rate above this is treated as no limit at all
 
-# §4 and §5 reasons in plain words, never the codes themselves.
+# A `bye`'s reason (§4, §5) in plain words, never the code itself.
 BYE_WORDS = {
     "leave": "you left",
     "timeout": "the server closed the connection: it heard nothing from us for too long",

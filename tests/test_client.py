@@ -29,13 +29,16 @@ from refpeer import connect_and_join
 import client
 import crypto_utils
 import protocol
-from client import Pacer, Style, parse_line
-from display import char_width, sanitize, text_width, wrap
+from chat import Chat
+from commands import parse_line
+from display import Line, char_width, sanitize, text_width, wrap
 from errors import ConnectionLost, NameRefused, TrustError
 from known_hosts import KnownHosts, check_pin, host_key
 from lineedit import KeyDecoder
+from link import Pacer
 from protocol import DirectMessage, Error, Joined, Left, Message, Users
 from session import Session
+from view import Style
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client.py"
@@ -1106,9 +1109,9 @@ class FakeIO:
 
     def __init__(self, interactive: bool = True):
         self.interactive = interactive
-        self.shown: list[client.Line] = []
+        self.shown: list[Line] = []
 
-    def show(self, line: client.Line) -> None:
+    def show(self, line: Line) -> None:
         self.shown.append(line)
 
     reason = None
@@ -1122,11 +1125,11 @@ class FakeSession:
         self.welcome = welcome
 
 
-def fake_chat(users: list[str], me: str = "ana", interactive: bool = True) -> client.Chat:
+def fake_chat(users: list[str], me: str = "ana", interactive: bool = True) -> Chat:
     welcome = protocol.parse_server_message(protocol.welcome(me, users, 100, 0))
     io = FakeIO(interactive)
     style = Style(colour=False, multiline=interactive)
-    return client.Chat(io, style, None, FakeSession(welcome), "mentions")
+    return Chat(io, style, None, FakeSession(welcome), "mentions")
 
 
 @pytest.mark.parametrize(
@@ -1153,11 +1156,11 @@ def test_tab_completion(before: str, done: str, listed: list[str]) -> None:
 def test_completion_follows_joins_and_leaves() -> None:
     """The names Tab offers are the ones here now: joined adds, left removes, users resets."""
     chat = fake_chat(["bob"])
-    chat._on_message(Joined("dave"))
+    chat.feed.on_message(Joined("dave"))
     assert chat.complete("d") == ("dave: ", [])
-    chat._on_message(Left("dave", "leave"))
+    chat.feed.on_message(Left("dave", "leave"))
     assert chat.complete("d") == ("d", [])
-    chat._on_message(Users(["ana", "erin"]))
+    chat.feed.on_message(Users(["ana", "erin"]))
     assert chat.complete("b") == ("b", []) and chat.complete("e") == ("erin: ", [])
 
 
@@ -1167,13 +1170,13 @@ def test_date_rule_when_the_day_changes() -> None:
     chat = fake_chat([])
     noon = time.mktime((2026, 11, 28, 12, 0, 0, 0, 0, -1)) * 1000  # not today
     for ts in (noon, noon + 60_000, noon + 86_400_000):
-        chat._on_message(Message(1, "bob", "hi", int(ts)))
+        chat.feed.on_message(Message(1, "bob", "hi", int(ts)))
     texts = [line.text for line in chat.io.shown]
     assert texts[0] == "--- Saturday 28 November 2026 ---"
     assert texts[3] == "--- Sunday 29 November 2026 ---"
     assert len(texts) == 5
     piped = fake_chat([], interactive=False)
-    piped._on_message(Message(1, "bob", "hi", int(noon)))
+    piped.feed.on_message(Message(1, "bob", "hi", int(noon)))
     assert len(piped.io.shown) == 1
 
 
@@ -1184,10 +1187,10 @@ def test_date_rule_when_the_day_changes() -> None:
 def test_mentions_ring_for_whole_words(text: str, rings: bool) -> None:
     """Issue 15: a message naming me as a whole word, in any case, is highlighted and rings."""
     chat = fake_chat(["bob"])
-    chat._on_message(Message(1, "bob", text, 0))
+    chat.feed.on_message(Message(1, "bob", text, 0))
     assert chat.io.shown[-1].bell is rings
-    chat.bell = "off"
-    chat._on_message(Message(2, "bob", text, 0))
+    chat.feed.bell = "off"
+    chat.feed.on_message(Message(2, "bob", text, 0))
     assert chat.io.shown[-1].bell is False
 
 

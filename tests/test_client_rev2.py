@@ -36,11 +36,14 @@ from test_client import (
     wait_open,
 )
 
-import client
 import crypto_utils
 import protocol
-from errors import ConnectionLost
+from chat import Chat
+from commands import parse_line
+from errors import ClientError, ConnectionLost
+from link import Link, Pacer
 from session import INBOX_MESSAGES, Session, sane_welcome
+from view import Style
 
 FP = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
@@ -199,7 +202,7 @@ def test_not_an_operator_is_told_in_words(run_server, tmp_path: Path) -> None:
 )
 def test_parse_revision_2_commands(line: str, meaning: tuple[Any, ...]) -> None:
     """§5, §6: the operator commands, /whois and /me, as typed."""
-    assert client.parse_line(line) == meaning
+    assert parse_line(line) == meaning
 
 
 @pytest.mark.parametrize(
@@ -208,7 +211,7 @@ def test_parse_revision_2_commands(line: str, meaning: tuple[Any, ...]) -> None:
 def test_revision_2_usage_hints(line: str) -> None:
     """§5: minutes outside 1..525600 for a ban (0..525600 for a mute) or a missing name
     give a usage hint instead of a message the server would refuse."""
-    kind, hint = client.parse_line(line)
+    kind, hint = parse_line(line)
     assert kind == "hint" and hint.startswith("usage: /")
 
 
@@ -398,24 +401,24 @@ def test_records_fit_the_servers_max_record(server_key, tmp_path: Path) -> None:
 def test_fill_record_splits_by_size_and_tokens() -> None:
     """§1, §3, §4: one record holds what fits max_record, and as many rated messages as
     there are tokens now (the first may wait for one)."""
-    chat = client.Chat.__new__(client.Chat)
-    chat._lock = threading.Lock()
-    chat.welcome = protocol.parse_server_message(
+    link = Link.__new__(Link)
+    link._lock = threading.Lock()
+    link._welcome = protocol.parse_server_message(
         protocol.welcome("ana", [], 16384, 0, max_record=65536)
     )
-    chat._pacer = client.Pacer(0)
+    link._pacer = Pacer(0)
     big = deque(protocol.Say("x" * 16000) for _ in range(10))
     sizes = []
     while big:
-        record = chat._fill_record(big)
+        record = link._fill_record(big)
         sizes.append(len(record))
         encoded = protocol.join_record([protocol.encode_client_message(m) for m in record])
         assert len(encoded) + 16 + 4 <= 65536
     assert sizes == [4, 4, 2]
     now = [0.0]
-    chat._pacer = client.Pacer(4, clock=lambda: now[0])  # a burst of 2
+    link._pacer = Pacer(4, clock=lambda: now[0])  # a burst of 2
     small = deque(protocol.Say(str(i)) for i in range(5))
-    assert len(chat._fill_record(small)) == 2
+    assert len(link._fill_record(small)) == 2
 
 
 def test_absurd_welcome_values_do_not_crash(server_key, tmp_path: Path) -> None:
@@ -502,15 +505,16 @@ def test_a_pipe_gives_up_reconnecting_in_the_end(monkeypatch) -> None:
         def open(self) -> Session:
             raise ConnectionLost("cannot connect to 127.0.0.1:9: Connection refused")
 
-    monkeypatch.setattr(client, "RECONNECT_FIRST_S", 0.001)
-    monkeypatch.setattr(client, "RECONNECT_GIVE_UP_S", 0.05)
+    monkeypatch.setattr("link.RECONNECT_FIRST_S", 0.001)
+    monkeypatch.setattr("link.RECONNECT_GIVE_UP_S", 0.05)
     welcome = protocol.parse_server_message(protocol.welcome("ana", [], 100, 0))
     io = type("IO", (), {"interactive": False, "reason": None})()
     io.show = lambda line: None
     io.wake = lambda reason: None
     session = type("S", (), {"welcome": welcome})()
-    chat = client.Chat(io, client.Style(False), Unreachable(), session, "off")
+    chat = Chat(io, Style(False), Unreachable(), session, "off")
     lost = ConnectionLost("the server closed the connection")
-    assert chat._reconnect(lost) is False
-    assert chat._end is not None and chat._end.exit_code == 1
-    assert str(chat._end) == "the server closed the connection; no reconnection for 0.05 s"
+    with pytest.raises(ClientError) as ended:  # the chat ends with it
+        chat.link._reconnect(lost, since=0)
+    assert ended.value.exit_code == 1
+    assert str(ended.value) == "the server closed the connection; no reconnection for 0.05 s"
