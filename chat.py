@@ -10,7 +10,8 @@ waits sent first), or with the error that ended the chat. What it needs besides:
     takes the outbox to it, paced.
 Threads: main (here), network (Feed), sender (Link), and the session's reader and
 keepalive. Each lock is its owner's (see those modules); the only nesting is
-`Console._lock` then `Feed._lock`, when Tab completes a name.
+Tab's: under `Console._lock`, `Feed._lock` (the names) and then `Link._lock` (am I
+an operator), one after the other.
 """
 
 from __future__ import annotations

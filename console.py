@@ -8,8 +8,8 @@ interrupt a blocking `read_line` (a self-pipe its select() watches).
 and the screen. Every write to the terminal happens under `Console._lock`, with the
 input area erased first and drawn again after, so a message never lands on the
 prompt. `Pipe._lock` guards its two streams (messages to stdout, status to stderr).
-Lock order: `Console._lock` may be held while Tab's completer takes the chat's user
-list lock, never the other way round.
+Lock order: `Console._lock` may be held while Tab's completer takes the chat's locks
+(the user list, the welcome), never the other way round.
 """
 
 from __future__ import annotations

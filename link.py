@@ -9,8 +9,9 @@ fit `welcome.max_record` and 64 messages (§1, §3); what a lost connection did 
 take waits for the next one. No terminal: it tells the user through two callbacks.
 
 Locks: `Link._lock` guards the session, its welcome and its pacer (replaced together
-on reconnect) and the sent says; `Outbox._cond` guards the lines waiting. Never held
-together, nor with any other lock.
+on reconnect) and the sent says; `Outbox._cond` guards the lines waiting. Neither is
+held while taking another; Tab takes `Link._lock` (for `welcome`) under
+`Console._lock`, and the callbacks run with no lock held, so never the other way.
 """
 
 from __future__ import annotations
