@@ -65,7 +65,7 @@ def help_rows(op: bool) -> list[str]:
     rows.append(f"  {'//TEXT':<24}say TEXT that starts with a slash")
     if op:
         rows.append("operator commands:")
-        rows += [f"  {cmd.usage:<24}{cmd.help}" for cmd in COMMANDS.values() if cmd.op]
+        rows += [f"  {cmd.usage:<28} {cmd.help}" for cmd in COMMANDS.values() if cmd.op]
     rows.append("keys: Tab completes names and commands; Up/Down recall earlier lines;")
     rows.append("      Ctrl-C clears the line; Ctrl-C or Ctrl-D on an empty line leaves;")
     rows.append("      Ctrl-L redraws the screen")

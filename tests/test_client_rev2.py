@@ -518,3 +518,13 @@ def test_a_pipe_gives_up_reconnecting_in_the_end(monkeypatch) -> None:
         chat.link._reconnect(lost, since=0)
     assert ended.value.exit_code == 1
     assert str(ended.value) == "the server closed the connection; no reconnection for 0.05 s"
+
+
+def test_help_rows_keep_a_space_between_command_and_meaning() -> None:
+    """/help for an operator: no usage runs into its meaning (the /ban row did)."""
+    import commands
+
+    for row in commands.help_rows(True):
+        if row.startswith("  /"):
+            usage = next(c.usage for c in commands.COMMANDS.values() if row[2:].startswith(c.usage))
+            assert row[2 + len(usage)] == " ", row
