@@ -524,8 +524,7 @@ def test_help_rows_keep_a_space_between_command_and_meaning() -> None:
     """/help for an operator: no usage runs into its meaning (the /ban row did)."""
     import commands
 
-    for row in commands.help_rows(True):
-        if row.startswith("  /"):
-            usages = [c.usage for c in commands.COMMANDS.values() if row[2:].startswith(c.usage)]
-            usage = max(usages, key=len)
-            assert row[2 + len(usage)] == " ", row
+    rows = commands.help_rows(True)
+    for cmd in commands.COMMANDS.values():
+        (row,) = [r for r in rows if r.startswith(f"  {cmd.usage} ")] or [None]
+        assert row is not None, f"{cmd.usage!r} runs into its meaning: {rows}"
