@@ -100,7 +100,7 @@ class Access:
         for who in (identity, ip):
             ban = self._active_ban(who, now_ms) if who is not None else None
             if ban is not None:
-                return "banned", "you are banned from this server" + _ban_detail(ban)
+                return "banned", _ban_detail(ban, now_ms)
         if self._allow is not None:
             listed = self._allow[identity]
             if protocol.name_key(listed.name) != name_key:
@@ -180,5 +180,11 @@ class Access:
         return until
 
 
-def _ban_detail(ban: Ban) -> str:
-    return " until unbanned" if ban.until_ms is None else ""
+def _ban_detail(ban: Ban, now_ms: int) -> str:
+    """§5 `banned`: by whom, for how long, why: "banned by ana for 9 more minutes: spam"."""
+    if ban.until_ms is None:
+        span = "until unbanned"
+    else:
+        minutes = max(1, -(-(ban.until_ms - now_ms) // 60_000))
+        span = f"for {minutes} more minute{'s' if minutes > 1 else ''}"
+    return f"banned by {ban.by} {span}" + (f": {ban.reason}" if ban.reason else "")

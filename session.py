@@ -375,7 +375,7 @@ JOIN_WORDS = {
     "name_reserved": "{name}'s name is reserved for another key",
     "bad_identity": "the server did not accept our identity proof: {message}",
     "not_allowed": "this server admits listed identities only, and ours is not listed",
-    "banned": "you are banned from this server: {message}",
+    "banned": "you are banned from this server ({message})",
 }
 
 
