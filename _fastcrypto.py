@@ -6,7 +6,8 @@ crypto_utils.py). Each fast path does the arithmetic of a pycryptodome public
 call through the C functions under it. Why: every call into C releases the
 GIL, and the public API's Python layers make many such calls per operation;
 in a storm of handshakes each release wakes a waiting thread for nothing
-(bench/README.md has the figures).
+(bench/README.md has the figures). The Ed25519 verify goes further: it calls
+the same C library through ctypes.PyDLL, whose calls keep the GIL.
 
 Each `select_*` function runs a self-check against a reference (the public-API
 path crypto_utils passes in) and returns the fast path only if they agree, or
@@ -21,12 +22,14 @@ as long as the raw pointer is in use.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
 import threading
 import weakref
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from Crypto.Cipher import AES, PKCS1_OAEP
@@ -185,8 +188,10 @@ class LeanOaep:
 
 
 def _after_fork_in_child() -> None:
+    global _ed25519_held_lock
     for lean in list(_LIVE_OAEP):
         lean._reset_blinding()
+    _ed25519_held_lock = threading.Lock()  # if a parent thread held it at fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -461,6 +466,102 @@ def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> bool:
     return encoded.to_bytes(32, "little") == signature[:32]
 
 
+# The same C functions, called through ctypes.PyDLL: such calls keep the GIL. Each of
+# the ~8 calls a verify makes through pycryptodome's loader (cffi, or ctypes.CDLL)
+# lets go of the GIL and takes it back, which among hundreds of runnable reader
+# threads is a contended hand-off each time (futex, thread switches); holding it
+# for the whole verify (~0.2 ms) costs the others less than that (bench/README.md).
+# (name, argument types, result type), as the installed `_edwards.py` declares them.
+_POINT_OUT = ctypes.POINTER(ctypes.c_void_p)
+_ED25519_SIGNATURES: tuple[tuple[str, tuple[Any, ...], Any], ...] = (
+    ("decode_point", (_POINT_OUT, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p), ctypes.c_int),
+    ("clone", (_POINT_OUT, ctypes.c_void_p), ctypes.c_int),
+    ("free_point", (ctypes.c_void_p,), None),
+    ("neg", (ctypes.c_void_p,), ctypes.c_int),
+    ("add", (ctypes.c_void_p, ctypes.c_void_p), ctypes.c_int),
+    ("scalar_public", (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t), ctypes.c_int),
+    ("get_xy", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p), ctypes.c_int),
+)
+_ed25519_held: tuple[Any, Any] | None = None  # the GIL-holding functions, B's point (kept)
+_ed25519_held_lock = threading.Lock()  # one B made, even if two threads start at once
+
+
+def _ed25519_held_lib() -> tuple[Any, Any]:
+    """pycryptodome's Ed25519 shared library through ctypes.PyDLL, and B as a C point
+    (made once, never freed: every call reads it)."""
+    global _ed25519_held
+    held = _ed25519_held
+    if held is not None:
+        return held
+    with _ed25519_held_lock:
+        if _ed25519_held is None:
+            lib = _ed25519_pydll()
+            base = ctypes.c_void_p()
+            _check(lib.decode_point(ctypes.byref(base), ED25519_BASE, 32, None), "decode B")
+            _ed25519_held = (lib, base)
+        return _ed25519_held
+
+
+def _ed25519_pydll() -> Any:
+    """The file pycryptodome's loader opens (`load_pycryptodome_raw_lib`, private), with
+    its dlopen flags, each function declared; the same copy in memory as pycryptodome's."""
+    from Crypto.Util._file_system import pycryptodome_filename
+    from Crypto.Util._raw_api import extension_suffixes
+
+    _curve_lib("Ed25519")  # pycryptodome's own loading first, with its flags
+    paths = [
+        pycryptodome_filename(["Crypto", "PublicKey"], "_ed25519" + e) for e in extension_suffixes
+    ]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise OSError(f"no Ed25519 library among {paths}")
+    mode = os.RTLD_NOW
+    if hasattr(os, "RTLD_DEEPBIND") and not os.getenv("PYCRYPTODOME_DISABLE_DEEPBIND"):
+        mode |= os.RTLD_DEEPBIND
+    dll = ctypes.PyDLL(path, mode=mode)
+    functions = {}
+    for name, arguments, result in _ED25519_SIGNATURES:
+        function = getattr(dll, "ed25519_" + name)
+        function.argtypes, function.restype = arguments, result
+        functions[name] = function
+    return SimpleNamespace(**functions)
+
+
+def ed25519_verify_held(public: bytes, signature: bytes, message: bytes) -> bool:
+    """`ed25519_verify` through calls that keep the GIL (`_ed25519_pydll`). Only bytes of
+    the right sizes reach C (ValueError, TypeError otherwise). Thread-safe: each call
+    has its own points, and B is only read; every point made here is freed here."""
+    if not all(isinstance(x, bytes) for x in (public, signature, message)):
+        raise TypeError("Ed25519 keys, signatures and messages are bytes")
+    if len(public) != 32 or len(signature) != 64:
+        sizes = f"{len(public)} and {len(signature)} bytes"
+        raise ValueError(f"an Ed25519 key and signature are 32 and 64 bytes, not {sizes}")
+    lib, base = _ed25519_held_lib()
+    a, sb = ctypes.c_void_p(), ctypes.c_void_p()  # NULL until C makes them; freed below
+    try:
+        if lib.decode_point(ctypes.byref(a), public, 32, None):
+            a.value = None  # as pycryptodome: a failed call leaves nothing to free
+            return False  # not a curve point
+        digest = hashlib.sha512(signature[:32] + public + message).digest()
+        k = int.from_bytes(digest, "little") % ED25519_L
+        _check(lib.scalar_public(a, k.to_bytes(32, "big"), 32), "ed25519 [k]A")
+        _check(lib.neg(a), "ed25519 -[k]A")
+        if lib.clone(ctypes.byref(sb), base):
+            sb.value = None
+            raise ValueError("ed25519 clone failed")
+        _check(lib.scalar_public(sb, signature[63:31:-1], 32), "ed25519 [S]B")
+        _check(lib.add(sb, a), "ed25519 add")
+        xy = ctypes.create_string_buffer(64)  # x then y, 32 bytes each, big-endian
+        _check(lib.get_xy(xy, ctypes.byref(xy, 32), 32, sb), "ed25519 get_xy")
+        raw = xy.raw
+        encoded = int.from_bytes(raw[32:], "big") | (raw[31] & 1) << 255
+        return encoded.to_bytes(32, "little") == signature[:32]
+    finally:
+        for point in (a, sb):
+            if point.value:
+                lib.free_point(point)
+
+
 # RFC 8032 7.1, tests 1-3: public key, message, signature.
 _ED25519_VECTORS = tuple(
     (bytes.fromhex(public), bytes.fromhex(message), bytes.fromhex(signature))
@@ -488,22 +589,32 @@ _ED25519_VECTORS = tuple(
 
 
 def select_ed25519(reference: Ed25519Verify) -> Ed25519Verify | None:
-    """`ed25519_verify` if it agrees with `reference` on the RFC 8032 vectors, each with
-    a flipped bit in R, in S and in the message, and on the neutral key, else None."""
-    try:
-        # The neutral key with R = B and S = 1 satisfies the equation for any message.
-        cases = [((1).to_bytes(32, "little"), b"any", ED25519_BASE + bytes([1] + [0] * 31), True)]
-        for public, message, signature in _ED25519_VECTORS:
-            cases.append((public, message, signature, True))
-            cases.append((public, message + b"\x00", signature, False))
-            for flip in (0, 40):  # a bit of R, a bit of S
-                bad = bytearray(signature)
-                bad[flip] ^= 1
-                cases.append((public, message, bytes(bad), False))
-        for public, message, signature, expected in cases:
-            for verify in (ed25519_verify, reference):
-                if verify(public, signature, message) is not expected:
-                    return None
-        return ed25519_verify
-    except Exception:  # any missing private piece: the caller keeps the public API
+    """The first of `ed25519_verify_held`, `ed25519_verify` that gives what `reference`
+    gives on the RFC 8032 vectors, each with a flipped bit in R, in S and in the
+    message, and on the neutral key; None if none does (or `reference` does not)."""
+    # The neutral key with R = B and S = 1 satisfies the equation for any message.
+    cases = [((1).to_bytes(32, "little"), b"any", ED25519_BASE + bytes([1] + [0] * 31), True)]
+    for public, message, signature in _ED25519_VECTORS:
+        cases.append((public, message, signature, True))
+        cases.append((public, message + b"\x00", signature, False))
+        for flip in (0, 40):  # a bit of R, a bit of S
+            bad = bytearray(signature)
+            bad[flip] ^= 1
+            cases.append((public, message, bytes(bad), False))
+    if not _gives(reference, cases):
         return None
+    for fast in (ed25519_verify_held, ed25519_verify):
+        if _gives(fast, cases):
+            return fast
+    return None
+
+
+def _gives(verify: Ed25519Verify, cases: list[tuple[bytes, bytes, bytes, bool]]) -> bool:
+    """Whether `verify` gives each case's expected verdict."""
+    try:
+        return all(
+            verify(public, signature, message) is expected
+            for public, message, signature, expected in cases
+        )
+    except Exception:  # any missing private piece: the caller tries the next path
+        return False

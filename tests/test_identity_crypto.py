@@ -9,6 +9,7 @@ signatures are computed with the small pure-Python Edwards arithmetic below
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import os
 import stat
@@ -101,8 +102,10 @@ def challenge(r: bytes, public: bytes, message: bytes) -> int:
 
 
 def equation_holds(public: bytes, signature: bytes, message: bytes) -> bool:
-    """Both raw equations (fast and public API), which know nothing of the policy."""
-    outcomes = {fc.ed25519_verify(public, signature, message)}
+    """The three raw equations (both fast paths and the public API), which know nothing
+    of the policy."""
+    outcomes = {fc.ed25519_verify_held(public, signature, message)}
+    outcomes.add(fc.ed25519_verify(public, signature, message))
     outcomes.add(c._ed25519_verify_standard(public, signature, message))
     assert len(outcomes) == 1
     return outcomes.pop()
@@ -414,27 +417,125 @@ def test_curve_constants_agree():
 
 @FAST
 def test_fast_verify_chosen_on_this_install():
-    """The import-time self-check chose the fast Ed25519 verification here (the public
-    API path costs more server CPU per join with an identity)."""
-    assert c.ED25519_VERIFY_IMPL is fc.ed25519_verify
+    """The import-time self-check chose the GIL-holding fast Ed25519 verification here
+    (the others cost more server CPU per join with an identity in a storm)."""
+    assert c.ED25519_VERIFY_IMPL is fc.ed25519_verify_held
+
+
+def test_held_path_calls_keep_the_gil():
+    """The held path's C functions come from ctypes.PyDLL, whose calls keep the GIL (the
+    reason it exists); pycryptodome's own functions are untouched."""
+    lib, _ = fc._ed25519_held_lib()
+    for name, _, _ in fc._ED25519_SIGNATURES:
+        assert getattr(lib, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI, name
+    theirs = fc._curve_lib("Ed25519").decode_point
+    assert theirs is not lib.decode_point
+    assert not getattr(theirs, "_flags_", 0) & ctypes._FUNCFLAG_PYTHONAPI
 
 
 def test_fast_verify_refused_when_it_disagrees(monkeypatch):
     """A fast verification that disagrees with the public API, or cannot run, is not
-    chosen."""
-    assert fc.select_ed25519(c._ed25519_verify_standard) is fc.ed25519_verify
+    chosen: the held path falls back to the cffi one, that one to None."""
+    assert fc.select_ed25519(c._ed25519_verify_standard) is fc.ed25519_verify_held
     assert fc.select_ed25519(lambda public, signature, message: True) is None
 
-    def missing(name: str):
-        raise ImportError(name)
+    def missing(name: str = "") -> None:
+        raise OSError(f"no library {name}")
 
+    monkeypatch.setattr(fc, "_ed25519_held", None)
+    monkeypatch.setattr(fc, "_ed25519_pydll", missing)
+    assert fc.select_ed25519(c._ed25519_verify_standard) is fc.ed25519_verify
     monkeypatch.setattr(fc, "_ed25519", None)
     monkeypatch.setattr(fc, "_curve_lib", missing)
     assert fc.select_ed25519(c._ed25519_verify_standard) is None
 
 
-def test_verify_from_many_threads_at_once():
-    """The server verifies in every reader thread: concurrent calls give right answers."""
+def test_held_path_refuses_wrong_sizes_and_types_before_c():
+    """Only a 32-byte key and a 64-byte signature, all bytes, reach the C functions (which
+    read 32 bytes from each pointer): anything else is an exception, not a read past."""
+    _, public, message, signature = RFC8032[0]
+    for bad_public, bad_signature in ((public[:31], signature), (public, signature[:63])):
+        with pytest.raises(ValueError, match="32 and 64 bytes"):
+            fc.ed25519_verify_held(bad_public, bad_signature, message)
+    for args in ((bytearray(public), signature, message), (public, signature, "text")):
+        with pytest.raises(TypeError):
+            fc.ed25519_verify_held(*args)  # type: ignore[arg-type]
+
+
+class CountingLib:
+    """The held path's functions, counting the points made and freed; `fail` names one
+    function made to return an error code."""
+
+    def __init__(self, lib, fail: str = ""):
+        self._lib, self.fail, self.made, self.freed = lib, fail, 0, 0
+
+    def __getattr__(self, name: str):
+        function = getattr(self._lib, name)
+
+        def call(*args):
+            if name == self.fail:
+                return 5
+            result = function(*args)
+            if name in ("decode_point", "clone") and result == 0:
+                self.made += 1
+            if name == "free_point":
+                self.freed += 1
+            return result
+
+        return call
+
+
+@pytest.mark.parametrize("fail", ["", "scalar_public", "neg", "clone", "add", "get_xy"])
+def test_held_path_frees_every_point_it_makes(monkeypatch, fail: str):
+    """Each point the held path makes (A, [S]B) is freed, also when a C call fails midway
+    (a C error is a ValueError, which verify_identity reads as False)."""
+    lib, base = fc._ed25519_held_lib()
+    counting = CountingLib(lib, fail)
+    monkeypatch.setattr(fc, "_ed25519_held", (counting, base))
+    _, public, message, signature = RFC8032[1]
+    if fail:
+        with pytest.raises(ValueError):
+            fc.ed25519_verify_held(public, signature, message)
+    else:
+        assert fc.ed25519_verify_held(public, signature, message)
+        assert not fc.ed25519_verify_held(public, signature, message + b"!")
+    not_a_point = next(y for y in range(2, 100) if decode(y.to_bytes(32, "little")) is None)
+    assert not fc.ed25519_verify_held(not_a_point.to_bytes(32, "little"), signature, message)
+    assert counting.made > 0
+    assert counting.freed == counting.made
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    r=st.one_of(st.binary(min_size=32, max_size=32), st.sampled_from([c.ED25519_BASE])),
+    s=st.integers(0, 2**256 - 1),
+    message=st.binary(max_size=64),
+    real=st.booleans(),
+)
+def test_held_path_agrees_with_the_cffi_path_public_api_and_cryptography(seed, r, s, message, real):
+    """On real signatures and on any (R, S), S >= L included: the held path gives the
+    verdict of the cffi path and of the public API (the raw equation), and with S < L
+    that of OpenSSL."""
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    signature = key.sign(message) if real else r + s.to_bytes(32, "little")
+    verdict = fc.ed25519_verify_held(public, signature, message)
+    assert verdict == fc.ed25519_verify(public, signature, message)
+    assert verdict == c._ed25519_verify_standard(public, signature, message)
+    if int.from_bytes(signature[32:], "little") < L:
+        assert verdict == their_verdict(public, signature, message)
+    assert verdict or not real
+
+
+@pytest.mark.parametrize(
+    "verify",
+    [c.verify_identity, fc.ed25519_verify_held, fc.ed25519_verify],
+    ids=["verify_identity", "held", "cffi"],
+)
+def test_verify_from_many_threads_at_once(verify):
+    """The server verifies in every reader thread: 8 threads calling at once get the
+    right answers (valid, wrong message, a flipped bit of S), on each path."""
     keys = [Ed25519PrivateKey.generate() for _ in range(4)]
     jobs = []
     for i in range(48):
@@ -444,15 +545,20 @@ def test_verify_from_many_threads_at_once():
         signature = key.sign(message)
         if i % 3 == 0:
             jobs.append((public, signature, message + b"x", False))
+        elif i % 3 == 1:
+            flipped = signature[:40] + bytes([signature[40] ^ 1]) + signature[41:]
+            jobs.append((public, flipped, message, False))
         else:
             jobs.append((public, signature, message, True))
     wrong: list[int] = []
+    start = threading.Barrier(8)
 
-    def work(start: int) -> None:
+    def work(first: int) -> None:
+        start.wait()
         for _ in range(3):
-            for index in range(start, len(jobs), 8):
+            for index in range(first, len(jobs), 8):
                 public, signature, message, expected = jobs[index]
-                if c.verify_identity(public, signature, message) is not expected:
+                if verify(public, signature, message) is not expected:
                     wrong.append(index)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
