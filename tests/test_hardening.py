@@ -35,9 +35,11 @@ from refpeer import (
     read_plain_frame,
 )
 
+import server
+
 UNIT = UNIT_S
 LONG = LONG_S
-MAX_RECORD = 1_048_576  # §1: R, the server's inclusive record limit
+MAX_RECORD = server.MAX_RECORD_BYTES  # §1: R, the server's inclusive record limit (announced)
 TAG = 16  # §3: GCM tag bytes
 # The connect and join lines of a peer; the others about it are counted (one per departure).
 CONNECT_OR_JOIN = r"\bconnect(ed|ion)? from\b|\bjoin"
@@ -409,8 +411,8 @@ def test_bad_record_length_closes(run_server, length: int) -> None:
             assert_server_healthy(srv.address, alice)
 
 
-def test_record_of_exactly_one_mebibyte_accepted(run_server) -> None:
-    """§1: the record bound is inclusive: a 1_048_576-byte record is read and answered."""
+def test_record_of_exactly_r_bytes_accepted(run_server) -> None:
+    """§1: the record bound is inclusive: a record of exactly R bytes is read and answered."""
     with run_server(handshake_timeout=LONG, idle_timeout=LONG) as srv:
         alice, _ = connect_and_join(*srv.address, "alice", timeout=10.0)
         with alice:
@@ -775,10 +777,10 @@ def test_slow_eviction_logged_once(run_server, caplog: pytest.LogCaptureFixture)
             stalled, _ = join_keyed(srv.address, "stalled", rcvbuf=4096)
             with stalled:
                 assert alice.recv(5) == {"type": "joined", "name": "stalled", "identity": None}
-                # records of 100 pings whose pongs it never reads: once the kernel buffers
-                # are full, one record takes it past max_pending with pings still to answer
-                pings = [{"type": "ping", "id": f"{i:03d} {'p' * 16000}"} for i in range(50)]
-                for _ in range(MAX_FLOOD_BYTES // 800_000):
+                # records of pings whose pongs it never reads (each record within R): once the
+                # kernel buffers are full, a record takes it past max_pending with pings left
+                pings = [{"type": "ping", "id": f"{i:03d} {'p' * 16000}"} for i in range(7)]
+                for _ in range(MAX_FLOOD_BYTES // (7 * 16_000)):
                     try:
                         stalled.send(*pings)
                     except (OSError, PeerClosed):
