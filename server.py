@@ -5,10 +5,12 @@ Run `python3 server.py --help` for the flags. The wire protocol is PROTOCOL.md
 
 How it is built (read before changing it):
   * Modules. `server.py` (this one): the listening socket, the accept thread,
-    one *reader* thread per connection (`Reader`: handshake, then records in,
-    every check), the reaper (timeouts) and the command line. `hub.py`: the
-    registry and the shared log behind one lock. `flusher.py`: the writer
-    threads. `protocol.py` is pure; `crypto_utils.py` holds the cryptography.
+    the reaper (timeouts), shutdown and the command line. `reader.py`: one
+    *reader* thread per connection (handshake, then records in, every check).
+    `hub.py`: the registry, the log and the chat's events behind one lock
+    (with `conn.py`, `delivery.py`, `history.py`, `access.py`).
+    `flusher.py`: the writer threads. `statewriter.py`: the thread that saves
+    state. `protocol.py` is pure; `crypto_utils.py` holds the cryptography.
   * Threads. A few *flushers* (FLUSHERS of them) share the keyed connections:
     a connection belongs to one flusher, the only thread that seals and sends
     its records, so counter order is wire order.
