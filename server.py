@@ -72,7 +72,14 @@ from delivery import RECORD_BUDGET
 from flusher import Flusher, wake
 from hub import Hub
 from moderation import Moderation
-from reader import MAX_RECORD_BYTES, RECV_CHUNK_BYTES, SAY_RECORD_OVERHEAD_BYTES, Reader, clip
+from reader import (
+    MAX_RECORD_BYTES,
+    RECV_CHUNK_BYTES,
+    SAY_RECORD_OVERHEAD_BYTES,
+    Reader,
+    clip,
+    recv_some,
+)
 from statewriter import ID_BLOCK, StateWriter
 from store import RunState, StoreError, open_store
 
@@ -185,19 +192,9 @@ class Server:
         )
         self.spki = crypto_utils.spki_der(self.key)
         self.fingerprint = crypto_utils.fingerprint(self.spki)
-        slow = crypto_utils.slow_paths(self.key)  # runs the RSA self-check now, not in a handshake
-        if slow and crypto_utils.PUBLIC_CRYPTO:
-            log.warning(
-                "BCAST_PUBLIC_CRYPTO=1: using pycryptodome's public API for the %s code "
-                "(correct, but handshakes or records cost more CPU)",
-                " and ".join(slow),
-            )
-        elif slow:
-            log.warning(
-                "this pycryptodome fails the self-check of the fast %s code; using its "
-                "public API instead (correct, but handshakes or records cost more CPU)",
-                " and ".join(slow),
-            )
+        # The RSA self-check runs now, not in a handshake; `start` says what fell back
+        # (after any start-up error, so that an error stays the one line printed).
+        self.slow_paths = crypto_utils.slow_paths(self.key)
         # Bytes the kernel may hold for each client (0: autotuned, not counted).
         self.send_buffer = kernel_send_buffer(send_buffer_request(settings))
         self.store = open_store(settings.state)
@@ -260,6 +257,21 @@ class Server:
         )
         return hub, StateWriter(self.store, hub, settings.history, reserved)
 
+    def _warn_slow_paths(self) -> None:
+        slow = " and ".join(self.slow_paths)
+        if slow and crypto_utils.PUBLIC_CRYPTO:
+            log.warning(
+                "BCAST_PUBLIC_CRYPTO=1: using pycryptodome's public API for the %s code "
+                "(correct, but handshakes or records cost more CPU)",
+                slow,
+            )
+        elif slow:
+            log.warning(
+                "this pycryptodome fails the self-check of the fast %s code; using its "
+                "public API instead (correct, but handshakes or records cost more CPU)",
+                slow,
+            )
+
     def reload_allowlist(self) -> None:
         """§5 SIGHUP: re-read the allow file; on a bad file keep the old list and say why."""
         if self.settings.allow is None:
@@ -306,6 +318,7 @@ class Server:
     def start(self) -> None:
         """Listen (if not yet), then start the accept, reaper and flusher threads."""
         self.listen()
+        self._warn_slow_paths()
         for target, name in ((self._accept_loop, "accept"), (self._reap_loop, "reaper")):
             self._threads.append(threading.Thread(target=target, name=name, daemon=True))
         self._threads += [flusher.thread for flusher in self.flushers]
@@ -391,7 +404,7 @@ class Server:
         """Close the socket once nobody uses it, and forget the connection."""
         try:  # unread input would make close() send RST, which can destroy our last bye
             for _ in range(DRAIN_ON_CLOSE_BYTES // RECV_CHUNK_BYTES):
-                if not conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT):
+                if not recv_some(conn.sock, _discard):
                     break
         except OSError:
             pass
@@ -428,6 +441,10 @@ class Server:
             if self._closed != self._closed_at_trim and now - self._trimmed_at >= TRIM_INTERVAL_S:
                 self._closed_at_trim, self._trimmed_at = self._closed, now
                 release_free_memory()
+
+
+def _discard(_data: Any) -> None:
+    """Unread input drained at close: nobody wants it."""
 
 
 def _libc_function(name: str) -> Any:
