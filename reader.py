@@ -13,7 +13,6 @@ and `close`.
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import socket
 import time
@@ -39,34 +38,10 @@ log = logging.getLogger("bcast.server")
 MAX_RECORD_BYTES = 128 * 1024
 # The longest say's record beside its text: brackets, type, action, the GCM tag.
 SAY_RECORD_OVERHEAD_BYTES = 64
-# One read's worth. 64 KiB measured no better on fan-out and ~10 % worse with 10 clients.
+# One read's worth (the buffer exists only while a recv() runs: readers wait in
+# poll()). 64 KiB measured no better on fan-out and ~10 % worse with 10 clients.
 RECV_CHUNK_BYTES = 256 * 1024
 LOG_WHY_CHARS = 200  # a close reason in a log line (it may quote the peer)
-
-
-# Buffers that reads land in, shared by every reader: a reader takes one only for a
-# recv_into (readers wait in poll(), holding none), so there are about as many as
-# reads that run at once. A fresh 256 KiB bytes per recv() raised glibc's mmap
-# threshold and fragmented its heap: RSS crept ~1.8 KB per connection replaced
-# (bench/README.md, "Abuse", churn).
-_RECV_BUFFERS: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-
-
-def recv_some(sock: socket.socket, feed: Any) -> int:
-    """Read what `sock` has (never waiting) and hand it to `feed`; the bytes read, 0 at
-    EOF. Raises BlockingIOError when nothing is there, OSError when the socket failed."""
-    try:
-        buf = _RECV_BUFFERS.get_nowait()
-    except queue.Empty:
-        buf = bytearray(RECV_CHUNK_BYTES)
-    try:
-        n = sock.recv_into(buf, RECV_CHUNK_BYTES, socket.MSG_DONTWAIT)
-        if n:
-            with memoryview(buf) as view, view[:n] as data:
-                feed(data)  # copies what it keeps
-        return n
-    finally:
-        _RECV_BUFFERS.put(buf)
 
 
 def clip(text: object, limit: int = LOG_WHY_CHARS) -> str:
@@ -123,14 +98,18 @@ class Reader:
                 conn.last_seen = time.monotonic()
                 return body
             try:
-                if not recv_some(conn.sock, decoder.feed):
-                    raise EOFError
+                data = conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                # Wait without a buffer: a reader blocked inside recv() would hold one
-                # (12 KiB of it resident) per idle client; a parked frame costs R alone.
+                # Wait without a buffer: a reader blocked inside recv() would hold
+                # RECV_CHUNK_BYTES (12 KiB of it resident) per idle client.
                 poller = select.poll()  # select() would not take fds over 1023
                 poller.register(conn.sock, select.POLLIN)
                 poller.poll()
+                continue
+            if not data:
+                raise EOFError
+            decoder.feed(data)
+            del data  # not held while waiting in poll(): a parked frame costs R, not R + a read
 
     def _handshake(self, decoder: protocol.FrameDecoder) -> None:
         """§2: hello out, key in, session keys; then the channel is up and a flusher serves it."""

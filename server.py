@@ -78,7 +78,6 @@ from reader import (
     SAY_RECORD_OVERHEAD_BYTES,
     Reader,
     clip,
-    recv_some,
 )
 from statewriter import ID_BLOCK, StateWriter
 from store import RunState, StoreError, open_store
@@ -404,7 +403,7 @@ class Server:
         """Close the socket once nobody uses it, and forget the connection."""
         try:  # unread input would make close() send RST, which can destroy our last bye
             for _ in range(DRAIN_ON_CLOSE_BYTES // RECV_CHUNK_BYTES):
-                if not recv_some(conn.sock, _discard):
+                if not conn.sock.recv(RECV_CHUNK_BYTES, socket.MSG_DONTWAIT):
                     break
         except OSError:
             pass
@@ -441,10 +440,6 @@ class Server:
             if self._closed != self._closed_at_trim and now - self._trimmed_at >= TRIM_INTERVAL_S:
                 self._closed_at_trim, self._trimmed_at = self._closed, now
                 release_free_memory()
-
-
-def _discard(_data: Any) -> None:
-    """Unread input drained at close: nobody wants it."""
 
 
 def _libc_function(name: str) -> Any:
