@@ -403,3 +403,19 @@ def test_evicted_and_refused_connections_leave_no_books(live) -> None:
         admission = hub._admission
         wait_until(lambda: admission.sources == 0, RECV_S, "the address forgotten")
         assert admission.unjoined == 0
+
+
+@pytest.mark.skipif(ALT_SERVER is not None, reason="checks this server's command line")
+def test_per_source_flags_default_on_and_fall_back_to_the_environment(monkeypatch) -> None:
+    """Limits: --max-unjoined-per-ip 16 and --connect-rate-per-ip 20 by default on the command
+    line (loopback included), 0 turns each off, BCAST_* set them; negative is a usage error."""
+    defaults = server.settings_from_args([])
+    assert (defaults.max_unjoined_per_ip, defaults.connect_rate_per_ip) == (16, 20)
+    assert defaults.send_buffer == server.DEFAULT_SEND_BUFFER_BYTES
+    monkeypatch.setenv("BCAST_MAX_UNJOINED_PER_IP", "0")
+    monkeypatch.setenv("BCAST_CONNECT_RATE_PER_IP", "2.5")
+    from_env = server.settings_from_args([])
+    assert (from_env.max_unjoined_per_ip, from_env.connect_rate_per_ip) == (0, 2.5)
+    for flag in ("--max-unjoined-per-ip", "--connect-rate-per-ip", "--send-buffer"):
+        with pytest.raises(SystemExit):
+            server.settings_from_args([flag, "-1"])
