@@ -275,6 +275,41 @@ def test_reconnects_keeping_the_draft(run_server, tmp_path: Path) -> None:
         bob.close()
 
 
+DOWN_S = 10.0  # issue 14: how long the server stays away
+
+
+def test_server_down_ten_seconds_then_back(run_server, tmp_path: Path) -> None:
+    """§6 Resume, issue 14: the server is down for 10 s, then back with its state: the
+    client keeps its draft while it reconnects by itself, and what was said meanwhile is
+    shown once, as is everything it had seen before (nothing twice)."""
+    port, state = free_port(), tmp_path / "state.db"
+    bob_id = RefIdentity()
+    with run_server(rate=0, port=port, state=state) as srv:
+        child, screen = spawn(tmp_path, port, "--name", "alice", NO_COLOR="1")
+        child.expect("exit to leave")
+        bob, _ = connect_and_join("127.0.0.1", port, "bob", identity=bob_id)
+        bob.send({"type": "say", "text": "before the outage"})
+        child.expect("before the outage")
+        child.send("draft")
+        child.expect("draft")
+        bob.close()
+        srv.shutdown()
+    child.expect("reconnecting")
+    time.sleep(DOWN_S)  # the outage itself: the client retries against a closed port
+    with run_server(rate=0, port=port, state=state):
+        bob, _ = connect_and_join("127.0.0.1", port, "bob", identity=bob_id)
+        bob.send({"type": "say", "text": "said while you were away"})
+        child.expect("reconnected as", timeout=35)  # the backoff is at most 30 s
+        assert wait_screen(child, screen, lambda ls: "said while you were away" in "\n".join(ls), T)
+        assert screen.lines()[-1].endswith("> draft")  # the draft survived
+        shown = "\n".join(screen.lines())
+        assert shown.count("said while you were away") == 1, shown
+        assert shown.count("before the outage") == 1, shown
+        child.send("\x03\x03")
+        assert finish(child) == 0
+        bob.close()
+
+
 def test_help_and_unknown_commands(chat) -> None:
     """Issue B: /help lists commands; an unknown /command gets a hint and is not sent."""
     bob, child = chat.bob, chat.child
