@@ -48,6 +48,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.CLOSED: frozenset(),
 }
 
+ENDED = frozenset({Phase.CLOSING, Phase.CLOSED})
 CHANNEL_UP = frozenset({Phase.KEYED, Phase.JOINED})
 
 
@@ -89,6 +90,7 @@ class Conn:
         self.bye_sent = False
         # (lock) lifecycle
         self.phase = Phase.ACCEPTED
+        self.ended = False  # closing or closed (read on every message: kept, not derived)
         self.slot: Any = None  # delivery.FlushSlot  # its flusher, from keyed until that lets go
         self.holds = 1  # reader, plus the flusher once keyed; the last one closes the socket
         self.reason: str | None = None  # why it ended (first cause wins)
@@ -125,10 +127,7 @@ class Conn:
         if phase not in TRANSITIONS[self.phase]:
             raise AssertionError(f"{self!r}: no transition {self.phase.value} -> {phase.value}")
         self.phase = phase
+        self.ended = phase in ENDED
         if self.admission is not None and phase in (Phase.JOINED, Phase.CLOSING):
             self.admission.release(self)  # no longer unjoined: its source may open another
             self.admission = None
-
-    @property
-    def ended(self) -> bool:
-        return self.phase in (Phase.CLOSING, Phase.CLOSED)

@@ -36,6 +36,9 @@ PRESENCE_DELAY_S = 0.05
 PRESENCE_SCAN_FACTOR = 10
 
 
+NOT_HELD = "the hub lock must be held"
+
+
 def entry(obj: dict[str, Any]) -> bytes:
     """A message as it sits in a private queue: JSON plus a trailing comma."""
     return protocol.encode_message(obj) + b","
@@ -133,14 +136,14 @@ class Delivery:
     # --- slots ---
 
     def add_slot(self, wake: Callable[[], None]) -> FlushSlot:
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         slot = FlushSlot(len(self.slots), wake)
         self.slots.append(slot)
         return slot
 
     def assign(self, conn: Conn) -> FlushSlot:
         """Give a keyed connection to the next flusher, round robin."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         slot = self.slots[self._next_slot % len(self.slots)]
         self._next_slot += 1
         slot.members.add(conn)
@@ -148,24 +151,27 @@ class Delivery:
         return slot
 
     def unassign(self, conn: Conn, slot: FlushSlot) -> None:
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         slot.members.discard(conn)
         slot.dirty.discard(conn)
         self.receivers.discard(conn)
 
     def wake_slot(self, slot: FlushSlot) -> None:
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         if slot.sleeping:
             slot.sleeping = False
             self.wakes.append(slot)
 
-    def pop_wakes(self) -> list[FlushSlot]:
-        wakes, self.wakes = self.wakes, []
+    def pop_wakes(self) -> list[FlushSlot] | tuple[()]:
+        wakes = self.wakes
+        if not wakes:
+            return ()
+        self.wakes = []
         return wakes
 
     def want(self, conn: Conn) -> None:
         """Have `conn`'s flusher look at it soon (new private item, bye, halt)."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         slot = conn.slot
         if slot is not None:
             slot.dirty.add(conn)
@@ -175,7 +181,7 @@ class Delivery:
 
     def append(self, data: bytes, *, urgent: bool = True) -> tuple[int, int]:
         """Add one entry for every receiver; `urgent=False` lets it wait for company."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         span = self.log.append(data, urgent)
         # Each flusher rescans its members: work per flush, not per message x recipient.
         for slot in self.slots:
@@ -190,7 +196,7 @@ class Delivery:
 
     def push_private(self, conn: Conn, data: bytes) -> None:
         """Queue `data` for `conn` alone, ordered at the current end of the log."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         if conn.phase not in CHANNEL_UP:
             return
         conn.private.append((self.log.end, data))
@@ -207,7 +213,7 @@ class Delivery:
 
     def lag(self, conn: Conn) -> int:
         """Bytes waiting for `conn` (§4 max_pending): its log slice plus private items."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         behind = 0 if conn.cursor is None else self.log.end - conn.cursor - conn.own_bytes
         return behind + conn.private_bytes
 
@@ -226,14 +232,14 @@ class Delivery:
         client is thus dropped at most max_pending/64 bytes (and one message)
         late. The caller halts them, then calls `trim`.
         """
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         if not self.log.due_for_compaction():
             return []
         return [c for c in self.receivers if self.lag(c) > self.max_pending]
 
     def trim(self) -> None:
         """Forget the log every receiver has passed; schedule the next scan."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         log, max_pending = self.log, self.max_pending
         if not log.due_for_compaction():
             return
@@ -249,7 +255,7 @@ class Delivery:
 
     def collect(self, slot: FlushSlot, may_sleep: bool) -> tuple[set[Conn], bool, int]:
         """See Hub.collect."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         log = self.log
         full = slot.seen_end != log.end and (
             log.urgent_end > slot.seen_end
@@ -271,7 +277,7 @@ class Delivery:
 
     def take(self, conn: Conn) -> list[bytes]:
         """Everything due to `conn`, up to one record's budget, in delivery order."""
-        assert self.held()
+        assert self._lock.locked(), NOT_HELD
         pieces: list[bytes] = []
         room = RECORD_BUDGET
         private, own, log = conn.private, conn.own, self.log

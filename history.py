@@ -26,8 +26,12 @@ class History:
         forgotten: int = 0,
     ):
         self.keep = keep
-        self._kept: deque[StoredMessage] = deque(list(kept)[-keep:] if keep else [])
-        self._unsaved: list[StoredMessage] = []
+        # (id, the message's bytes): tuples, not StoredMessage, on the say path
+        self._kept: deque[tuple[int, bytes]] = deque(
+            ((m.id, m.entry) for m in (list(kept)[-keep:] if keep else [])), maxlen=keep or 1
+        )
+        # what the writer has not had yet; only the newest `keep` can matter to it
+        self._unsaved: deque[tuple[int, bytes]] = deque(maxlen=keep or 1)
         self._next_id = first_id  # the next id to hand out (ids are reserved in blocks)
         self.last_id = last_id  # the highest id handed out so far (§6 welcome.last_id)
         # The highest message id no longer kept (or that may not be, after a crash):
@@ -45,25 +49,25 @@ class History:
         if not self.keep:
             self.forgotten = msg_id
             return
-        if len(self._kept) == self.keep:
-            self.forgotten = self._kept.popleft().id
-        kept = StoredMessage(msg_id, message)
-        self._kept.append(kept)
-        self._unsaved.append(kept)
+        kept = self._kept
+        if len(kept) == self.keep:
+            self.forgotten = kept[0][0]  # the append below pushes it out (maxlen)
+        item = (msg_id, message)
+        kept.append(item)
+        self._unsaved.append(item)
 
     def replay(self, history: int | None, since: int | None) -> tuple[list[StoredMessage], bool]:
         """§6: the kept messages a join asked for (none unless it asked), and `gap`:
         whether a message above `since` will not be sent (forgotten, or over `history`)."""
         if history is None and since is None:
             return [], False
-        kept = list(self._kept)
-        if since is not None:
-            kept = [m for m in kept if m.id > since]
+        kept = [StoredMessage(i, m) for i, m in self._kept if since is None or i > since]
         wanted = kept if history is None else kept[len(kept) - history :] if history else []
         gap = since is not None and (self.forgotten > since or len(wanted) < len(kept))
         return wanted, gap
 
-    def take_unsaved(self) -> list[StoredMessage]:
+    def take_unsaved(self) -> list[tuple[int, bytes]]:
         """The kept messages the writer has not had yet, in id order."""
-        batch, self._unsaved = self._unsaved, []
+        batch = list(self._unsaved)
+        self._unsaved.clear()
         return batch

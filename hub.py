@@ -23,15 +23,14 @@ import bisect
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import limits
 import protocol
 from access import Access, Listed
 from conn import Bucket, Conn, Phase
-from delivery import Delivery, FlushSlot, Taken, entry
+from delivery import NOT_HELD, Delivery, FlushSlot, Taken, entry
 from history import History
 from store import Ban, Binding, StoredMessage
 
@@ -59,22 +58,31 @@ class JoinResult:
 
 
 @dataclass(frozen=True)
-class SayEntry:
-    """A say's `message` bytes around its id, built by the reader outside the lock."""
-
-    head: bytes
-    tail: bytes
-    now: float
-    now_ms: int
-
-
-@dataclass(frozen=True)
 class WhoisFacts:
     name: str
     identity: str | None
     op: bool
     since_ms: int
     address: str | None
+
+
+class _HubLock:
+    """The hub lock as a context manager that wakes flushers after releasing it."""
+
+    __slots__ = ("_lock", "_out")
+
+    def __init__(self, lock: threading.Lock, out: Delivery):
+        self._lock = lock
+        self._out = out
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        wakes = self._out.pop_wakes()
+        self._lock.release()
+        for slot in wakes:
+            slot.wake()
 
 
 class Core:
@@ -119,23 +127,17 @@ class Core:
         # `users` are a join of these: no JSON and no sort per join under the lock.
         self._names: list[bytes] = []
         self._out = Delivery(self._lock, max_pending)  # the log, queues and flush slots
+        self._lock_cm = _HubLock(self._lock, self._out)
         self._shutting_down = False
         # Per-source limits and the unjoined share of max_clients (limits.py, issue 12).
         self._admission = limits.Admission(max_clients, max_unjoined_per_ip, connect_rate_per_ip)
 
     # --- the lock ---
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the lock; on release, wake the flushers that work was queued for."""
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            wakes = self._out.pop_wakes()
-            self._lock.release()
-            for slot in wakes:
-                slot.wake()
+    def _locked(self) -> _HubLock:
+        """`with self._locked():` holds the lock; on release it wakes the flushers that
+        work was queued for. (A class, not @contextmanager: this is on every hot path.)"""
+        return self._lock_cm
 
     def _held(self) -> bool:
         assert self._lock.locked(), "the hub lock must be held"
@@ -320,7 +322,7 @@ class Core:
         self, conn: Conn, reason: str, *, announce: bool = True, by_json: bytes | None = None
     ) -> bool:
         """Unregister once; announce `left` if it had joined. False if already removed."""
-        assert self._held()
+        assert self._lock.locked(), NOT_HELD
         if conn.ended:
             return False
         was_joined = conn.phase is Phase.JOINED
@@ -343,7 +345,7 @@ class Core:
     def _compact(self) -> list[Conn]:
         """Now and then: drop receivers over max_pending (Delivery.slow_receivers), trim
         the log. Returns those dropped as slow; the caller wakes their sockets."""
-        assert self._held()
+        assert self._lock.locked(), NOT_HELD
         slow = self._out.slow_receivers()
         for conn in slow:
             self._halt(conn, "slow")
@@ -389,7 +391,7 @@ class Hub(Core):
             return JoinResult("ok", binding=binding, replaced=replaced)
 
     def _register(self, conn: Conn, req: JoinRequest, key: str, announce: bool) -> None:
-        assert self._held()
+        assert self._lock.locked(), NOT_HELD
         if announce:
             self._out.append(protocol.encode_joined(req.name_json, req.identity_json), urgent=False)
         names = self._names
@@ -423,21 +425,25 @@ class Hub(Core):
 
     def _replace(self, old: Conn, announce: bool) -> None:
         """§5 take-over: `old` gets bye(replaced); `left` (replaced) only if `announce`."""
-        assert self._held()
+        assert self._lock.locked(), NOT_HELD
         self._remove(old, "replaced", announce=announce)
         old.bye = "replaced"
 
-    def say(self, conn: Conn, say: SayEntry) -> tuple[str, list[Conn]]:
-        """§4 say: assign an id, log it, keep it (§6). Returns (outcome, dropped as slow)."""
+    def say(
+        self, conn: Conn, head: bytes, tail: bytes, now: float, now_ms: int
+    ) -> tuple[str, list[Conn]]:
+        """§4 say: the `message` bytes around its id (`head`, `tail`, built outside the
+        lock) get an id, go in the log and are kept (§6). Returns (outcome, dropped as
+        slow)."""
         with self._locked():
             if conn.phase is not Phase.JOINED:
                 return "gone", []
-            if self._is_muted(conn, say.now_ms):
+            if conn.muted_until is not None and self._is_muted(conn, now_ms):
                 return "muted", []
-            if not conn.bucket.take(say.now):
+            if not conn.bucket.take(now):
                 return "rate_limited", []
             msg_id = self._history.new_id()
-            message = b"%s%d%s" % (say.head, msg_id, say.tail)
+            message = b"%s%d%s" % (head, msg_id, tail)
             span = self._out.append(message)
             conn.own.append(span)
             conn.own_bytes += span[1] - span[0]
@@ -454,7 +460,7 @@ class Hub(Core):
             target = self._joined.get(protocol.name_key(to))
             if target is None:
                 return "unknown_user", None
-            if self._is_muted(conn, ts):
+            if conn.muted_until is not None and self._is_muted(conn, ts):
                 return "muted", None
             if not conn.bucket.take(now):
                 return "rate_limited", None
@@ -566,7 +572,8 @@ class Hub(Core):
     def unsaved(self) -> list[StoredMessage]:
         """The kept messages not yet handed to the writer, in id order; they are now."""
         with self._locked():
-            return self._history.take_unsaved()
+            batch = self._history.take_unsaved()
+        return [StoredMessage(msg_id, message) for msg_id, message in batch]
 
     def ids(self) -> tuple[int, int]:
         """(the highest id handed out, the highest message id no longer kept)."""
@@ -623,7 +630,7 @@ class Hub(Core):
             return self._release(conn)
 
     def _release(self, conn: Conn) -> bool:
-        assert self._held()
+        assert self._lock.locked(), NOT_HELD
         conn.holds -= 1
         return conn.holds == 0
 

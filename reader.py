@@ -24,7 +24,7 @@ from conn import Conn
 from crypto_utils import CryptoError
 from delivery import RECORD_BUDGET, entry
 from flusher import wake
-from hub import JoinRequest, SayEntry
+from hub import JoinRequest
 from protocol import ByeProtocol, CloseSilently, Refused
 
 if TYPE_CHECKING:
@@ -283,8 +283,7 @@ class Reader:
         head, tail = protocol.encode_message_parts(
             self.conn.name_json, protocol.json_string(msg.text), ts, msg.action
         )
-        say = SayEntry(head, tail, time.monotonic(), ts)
-        outcome, slow = self.hub.say(self.conn, say)
+        outcome, slow = self.hub.say(self.conn, head, tail, time.monotonic(), ts)
         if outcome == "muted":
             raise Refused("muted", "you are muted")
         if outcome == "rate_limited":

@@ -59,7 +59,7 @@ def drain(hub: Hub, conn: Conn, slot: FlushSlot) -> list[dict]:
 
 def say(hub: Hub, conn: Conn, text: str) -> tuple[str, list[Conn]]:
     head, tail = protocol.encode_message_parts(conn.name_json, protocol.json_string(text), 1)
-    return hub.say(conn, hubmod.SayEntry(head, tail, 0.0, 1))
+    return hub.say(conn, head, tail, 0.0, 1)
 
 
 @pytest.fixture
