@@ -687,6 +687,11 @@ def parse_client_message(obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) 
     return _PARSERS[message_type(obj)](obj, max_text)
 
 
+def parse_known(kind: str, obj: dict[str, Any], max_text: int = DEFAULT_MAX_TEXT) -> ClientMessage:
+    """parse_client_message for a `kind` the caller has already had from message_type."""
+    return _PARSERS[kind](obj, max_text)
+
+
 def encode_client_message(msg: ClientMessage) -> bytes:
     """Client side: one message object for a record (optional fields only when set)."""
     return encode_message(client_message(msg))

@@ -175,7 +175,7 @@ class Reader:
         try:
             kind = protocol.message_type(obj)
             protocol.check_state(kind, conn.name, conn.op)  # §4 order: joined, then operator
-            msg = protocol.parse_client_message(obj, self.settings.max_text)
+            msg = protocol.parse_known(kind, obj, self.settings.max_text)
             return self._dispatch(msg)
         except Refused as refusal:
             # A refused join is worth a line (who tried which name); the rest is chatter.
