@@ -162,13 +162,6 @@ class Delivery:
             slot.sleeping = False
             self.wakes.append(slot)
 
-    def pop_wakes(self) -> list[FlushSlot] | tuple[()]:
-        wakes = self.wakes
-        if not wakes:
-            return ()
-        self.wakes = []
-        return wakes
-
     def want(self, conn: Conn) -> None:
         """Have `conn`'s flusher look at it soon (new private item, bye, halt)."""
         assert self._lock.locked(), NOT_HELD
@@ -186,7 +179,9 @@ class Delivery:
         # Each flusher rescans its members: work per flush, not per message x recipient.
         for slot in self.slots:
             if urgent:
-                self.wake_slot(slot)
+                if slot.sleeping:  # wake_slot, inline: this runs for every say
+                    slot.sleeping = False
+                    self.wakes.append(slot)
             elif slot.lazy_due is None:  # the first since its last scan sets the clock
                 slot.lazy_due = time.monotonic() + max(
                     PRESENCE_DELAY_S, PRESENCE_SCAN_FACTOR * slot.scan_s

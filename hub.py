@@ -66,6 +66,9 @@ class WhoisFacts:
     address: str | None
 
 
+_NONE: list[Conn] = []  # "nobody dropped": shared, never changed
+
+
 class _HubLock:
     """The hub lock as a context manager that wakes flushers after releasing it."""
 
@@ -79,7 +82,12 @@ class _HubLock:
         self._lock.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        wakes = self._out.pop_wakes()
+        out = self._out
+        wakes = out.wakes
+        if not wakes:
+            self._lock.release()
+            return
+        out.wakes = []
         self._lock.release()
         for slot in wakes:
             slot.wake()
@@ -346,6 +354,8 @@ class Core:
         """Now and then: drop receivers over max_pending (Delivery.slow_receivers), trim
         the log. Returns those dropped as slow; the caller wakes their sockets."""
         assert self._lock.locked(), NOT_HELD
+        if not self._out.log.due_for_compaction():  # the common case, on every say
+            return _NONE
         slow = self._out.slow_receivers()
         for conn in slow:
             self._halt(conn, "slow")
