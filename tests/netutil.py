@@ -7,6 +7,7 @@ so a slower machine needs one number changed, not forty.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,3 +42,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
         time.sleep(0.01)
+
+
+def run_in_threads(work: Callable[[int], None], count: int) -> None:
+    """Run `work(0)` ... `work(count - 1)` on `count` threads at once; wait for all."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from netutil import run_in_threads
 
 import _fastcrypto as fc
 import crypto_utils as c
@@ -556,11 +557,7 @@ def test_lean_oaep_from_many_threads_at_once(rsa_key: RsaKey, spki: bytes):
             except ValueError:  # what mixed-up buffers give, mostly
                 wrong.append(start)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(work, 8)
     assert wrong == []
     assert 1 <= len(lean._scratch) <= 8  # buffer sets were reused, one per concurrent call
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from netutil import run_in_threads
 
 import _fastcrypto as fc
 import crypto_utils as c
@@ -561,9 +562,5 @@ def test_verify_from_many_threads_at_once(verify):
                 if verify(public, signature, message) is not expected:
                     wrong.append(index)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(work, 8)
     assert wrong == []

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from netutil import run_in_threads
 
 from store import Ban, Binding, StoredMessage, StoreError, open_store
 
@@ -512,11 +513,7 @@ def test_eight_threads_appending_at_once(tmp_path: Path):
         except BaseException as exc:  # reported below, in the test's thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=append, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(append, 8)
     assert failures == []
     store.close()
     with open_store(path) as again:
