@@ -213,6 +213,7 @@ class Delivery:
         return behind + conn.private_bytes
 
     def too_slow(self, conn: Conn) -> bool:
+        """Over §4 max_pending: the one test of it, for the scan and for each reply."""
         return self.lag(conn) > self.max_pending
 
     # --- slow receivers and trimming ---
@@ -230,7 +231,7 @@ class Delivery:
         assert self._lock.locked(), NOT_HELD
         if not self.log.due_for_compaction():
             return []
-        return [c for c in self.receivers if self.lag(c) > self.max_pending]
+        return [c for c in self.receivers if self.too_slow(c)]
 
     def trim(self) -> None:
         """Forget the log every receiver has passed; schedule the next scan."""

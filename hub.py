@@ -477,7 +477,7 @@ class Hub(Core):
             msg_id = self._history.new_id()
             data = protocol.encode_direct(msg_id, conn.name_json, target.name_json, text_json, ts)
             self._out.push_private(target, data + b",")
-            if self._out.lag(target) > self.max_pending and self._halt(target, "slow"):
+            if self._out.too_slow(target) and self._halt(target, "slow"):
                 return "ok", target
             return "ok", None
 
@@ -594,7 +594,7 @@ class Hub(Core):
         """Queue one encoded reply for `conn` alone; True if that made it too slow (dropped)."""
         with self._locked():
             self._out.push_private(conn, data)
-            return self._out.lag(conn) > self.max_pending and self._halt(conn, "slow")
+            return self._out.too_slow(conn) and self._halt(conn, "slow")
 
     def leave(self, conn: Conn) -> None:
         """§4 leave: announce it, then its flusher sends `bye` (leave) and closes."""
