@@ -222,9 +222,7 @@ class Core:
             self._shutting_down = True
             for conn in self._conns:
                 if conn.slot is not None and not conn.halted:
-                    self._remove(conn, "shutdown")
-                    if conn.bye is None:
-                        conn.bye = "shutdown"
+                    self._close_with_bye(conn, "shutdown")
                     self._out.want(conn)
                 elif conn.phase is not Phase.KEY_READ:
                     to_wake.append(conn.sock)
@@ -317,6 +315,24 @@ class Core:
             return self._release(conn)
 
     # --- internals (lock held) ---
+
+    def _close_with_bye(
+        self,
+        conn: Conn,
+        reason: str,
+        *,
+        announce: bool = True,
+        by_json: bytes | None = None,
+        bye_entry: bytes | None = None,
+    ) -> bool:
+        """Unregister `conn` (see _remove); its flusher then sends what is due and a
+        `bye` (`reason`; `bye_entry` when it carries by/message), unless a bye is set
+        already. True if this was the first cause."""
+        first = self._remove(conn, reason, announce=announce, by_json=by_json)
+        if conn.bye is None:
+            conn.bye = reason
+            conn.bye_entry = bye_entry
+        return first
 
     def _halt(self, conn: Conn, reason: str) -> bool:
         """Remove `conn` and stop its writer at once, no `bye` (slow, broken record)."""
@@ -436,8 +452,7 @@ class Hub(Core):
     def _replace(self, old: Conn, announce: bool) -> None:
         """§5 take-over: `old` gets bye(replaced); `left` (replaced) only if `announce`."""
         assert self._lock.locked(), NOT_HELD
-        self._remove(old, "replaced", announce=announce)
-        old.bye = "replaced"
+        self._close_with_bye(old, "replaced", announce=announce)
 
     def say(
         self, conn: Conn, head: bytes, tail: bytes, now: float, now_ms: int
@@ -521,9 +536,7 @@ class Hub(Core):
         with self._locked():
             if target.phase is not Phase.JOINED:
                 return False
-            self._remove(target, reason, by_json=by.name_json)
-            target.bye = reason
-            target.bye_entry = bye_entry
+            self._close_with_bye(target, reason, by_json=by.name_json, bye_entry=bye_entry)
             return True
 
     def ban(
@@ -535,9 +548,7 @@ class Hub(Core):
                 return None
             ban = ban_for(target.identity or target.ip)
             self._access.add_ban(ban)
-            self._remove(target, "banned", by_json=by.name_json)
-            target.bye = "banned"
-            target.bye_entry = bye_entry
+            self._close_with_bye(target, "banned", by_json=by.name_json, bye_entry=bye_entry)
             return ban
 
     def unban(self, who: str, now_ms: int) -> bool:
@@ -570,8 +581,7 @@ class Hub(Core):
             out: list[Conn] = []
             for key, conn in list(self._joined.items()):
                 if not self._access.still_allowed(conn.identity, key):
-                    self._remove(conn, "not_allowed")
-                    conn.bye = "not_allowed"
+                    self._close_with_bye(conn, "not_allowed")
                     out.append(conn)
                 else:
                     conn.op = self._access.is_op(conn.identity)
@@ -599,8 +609,7 @@ class Hub(Core):
     def leave(self, conn: Conn) -> None:
         """§4 leave: announce it, then its flusher sends `bye` (leave) and closes."""
         with self._locked():
-            if self._remove(conn, "leave"):
-                conn.bye = "leave"
+            self._close_with_bye(conn, "leave")
 
     def drop(self, conn: Conn, reason: str, *, bye: bool) -> bool:
         """End `conn` for `reason`, with a `bye` first if asked and possible.
@@ -609,9 +618,7 @@ class Hub(Core):
         """
         with self._locked():
             if bye and conn.slot is not None and conn.bye is None and not conn.halted:
-                first = self._remove(conn, reason)
-                conn.bye = reason
-                return first
+                return self._close_with_bye(conn, reason)
             if conn.bye is None:
                 return self._halt(conn, reason)
             return False
