@@ -6,8 +6,9 @@ crypto_utils.py). Each fast path does the arithmetic of a pycryptodome public
 call through the C functions under it. Why: every call into C releases the
 GIL, and the public API's Python layers make many such calls per operation;
 in a storm of handshakes each release wakes a waiting thread for nothing
-(bench/README.md has the figures). The Ed25519 verify goes further: it calls
-the same C library through ctypes.PyDLL, whose calls keep the GIL.
+(bench/README.md has the figures). The Ed25519 verify and the records of up
+to 4 KiB go further: they call the same C libraries through ctypes.PyDLL,
+whose calls keep the GIL (work in C that short is not worth a hand-off).
 
 Each `select_*` function runs a self-check against a reference (the public-API
 path crypto_utils passes in) and returns the fast path only if they agree, or
@@ -327,85 +328,188 @@ def _counter_tables() -> tuple[list[int], list[int]]:
 _COUNTERS, _SEQ_SPREAD = _counter_tables()
 
 
+_SMALL_RECORD_BYTES = 16 * SMALL_RECORD_BLOCKS
+_ZERO_BLOCK = bytes(16)
+_gcm_c: dict[str, SimpleNamespace] = {}  # GHASH flavour -> the GIL-holding C functions
+_gcm_c_lock = threading.Lock()
+
+
+def _ghash_flavour() -> tuple[Any, str]:
+    """The GHASH pycryptodome's GCM uses here (`_mode_gcm`, private) and its C suffix."""
+    from Crypto.Cipher import _mode_gcm
+    from Crypto.Util import _cpu_features
+
+    if _mode_gcm._ghash_clmul is not None:
+        return _mode_gcm._ghash_clmul, "clmul" if _cpu_features.have_clmul() else "pmull"
+    return _mode_gcm._ghash_portable, "portable"
+
+
+def _gcm_functions(flavour: str) -> SimpleNamespace:
+    """ECB_encrypt and ghash_<flavour> through ctypes.PyDLL (calls that keep the GIL)."""
+    with _gcm_c_lock:
+        found = _gcm_c.get(flavour)
+        if found is None:
+            ecb = _pydll(["Crypto", "Cipher"], "_raw_ecb").ECB_encrypt
+            ecb.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+            ecb.restype = ctypes.c_int
+            lib = _pydll(["Crypto", "Hash"], "_ghash_" + flavour)
+            ghash = getattr(lib, "ghash_" + flavour)
+            ghash.argtypes = (
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_char_p,
+                ctypes.c_void_p,
+            )
+            ghash.restype = ctypes.c_int
+            found = _gcm_c[flavour] = SimpleNamespace(ecb_encrypt=ecb, ghash=ghash)
+        return found
+
+
+def _address(pointer: Any) -> int:
+    """A pycryptodome C pointer (cffi or ctypes, per its backend) as an integer."""
+    from Crypto.Util import _raw_api
+
+    if _raw_api.backend == "cffi":
+        return int(_raw_api.ffi.cast("uintptr_t", pointer))
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
+def _gcm_lengths(size: int) -> bytes:
+    """GCM's last GHASH block: len(AAD) = 0 and len(C), in bits."""
+    return bytes(8) + (size * 8).to_bytes(8, "big")
+
+
 class Gcm:
     """AES-256-GCM (no AAD, nonce 0^4 || u64be(seq), 16-byte tag) with per-key work done once.
 
     pycryptodome's GCM object re-derives H, re-expands the GHASH table and
     builds three ciphers for every record. Here the ECB cipher, H and the
     GHASH table (pycryptodome's own C, through the private `_mode_gcm._GHASH`)
-    are made once per key; the tag is two GHASH calls. One thread at a time.
+    are made once per key. A record of up to 4 KiB (every `say` a reader
+    opens, most records at low fan-out) is one ECB call over its counter
+    blocks and one GHASH call, both through ctypes.PyDLL: the work in C is
+    tens of nanoseconds, and letting go of the GIL for it would hand the GIL
+    to another of hundreds of reader threads each time. A larger record goes
+    through pycryptodome's CTR and GHASH calls, which let go of the GIL while
+    they work. One thread at a time.
     """
 
     def __init__(self, key: bytes):
         from Crypto.Cipher import _mode_gcm
-        from Crypto.Util._raw_api import create_string_buffer
 
         self._key = key
-        self._fresh_state = create_string_buffer
+        ghash_impl, flavour = _ghash_flavour()
+        self._c = _gcm_functions(flavour)
+        # The owners of the C states the raw addresses below point into: kept with them.
         self._ecb = AES.new(key, AES.MODE_ECB)
-        impl = _mode_gcm._ghash_clmul or _mode_gcm._ghash_portable
-        self._ghash = _mode_gcm._GHASH(self._ecb.encrypt(bytes(16)), impl)
+        self._ghash = _mode_gcm._GHASH(self._ecb.encrypt(bytes(16)), ghash_impl)
+        self._ecb_state = _address(self._ecb._state.get())
+        self._ghash_key = _address(self._ghash._exp_key.get())
 
-    def _keystream(self, seq: int, size: int) -> tuple[bytes, Any]:
-        """(E_K(J0), a function XOR-ing `size` bytes with the keystream from counter 2)."""
+    # --- records of up to 4 KiB: two C calls that keep the GIL ---
+
+    def _small_stream(self, seq: int, size: int) -> bytes:
+        """E_K(J0), then the keystream from counter 2 for `size` bytes (whole blocks)."""
         blocks = (size + 15) // 16 + 1
-        if blocks <= SMALL_RECORD_BLOCKS + 1:
-            counters = _COUNTERS[blocks] + seq * _SEQ_SPREAD[blocks]
-            stream = self._ecb.encrypt(counters.to_bytes(16 * blocks, "big"))
-            pad = int.from_bytes(stream[16 : 16 + size], "big")
+        length = 16 * blocks
+        counters = (_COUNTERS[blocks] + seq * _SEQ_SPREAD[blocks]).to_bytes(length, "big")
+        out = ctypes.create_string_buffer(length)
+        _check(self._c.ecb_encrypt(self._ecb_state, counters, out, length), "AES-ECB")
+        return out.raw
 
-            def apply(data: Any) -> bytes:
-                return (int.from_bytes(data, "big") ^ pad).to_bytes(size, "big")
+    def _small_tag(self, stream: bytes, ciphertext: bytes) -> bytes:
+        size = len(ciphertext)
+        blocks = ciphertext + bytes(-size % 16) + _gcm_lengths(size)
+        y = ctypes.create_string_buffer(16)
+        _check(self._c.ghash(y, blocks, len(blocks), _ZERO_BLOCK, self._ghash_key), "GHASH")
+        value = int.from_bytes(y.raw, "big") ^ int.from_bytes(stream[:16], "big")
+        return value.to_bytes(16, "big")
 
-            return stream[:16], apply
+    @staticmethod
+    def _xor(data: Any, stream: bytes, size: int) -> bytes:
+        pad = int.from_bytes(stream[16 : 16 + size], "big")
+        return (int.from_bytes(data, "big") ^ pad).to_bytes(size, "big")
+
+    # --- larger records: pycryptodome's calls, which let go of the GIL ---
+
+    def _large_keystream(self, seq: int) -> tuple[bytes, Any]:
+        """(E_K(J0), a CTR cipher's encrypt from counter 2)."""
         nonce = bytes(4) + seq.to_bytes(8, "big")
         ctr = AES.new(self._key, AES.MODE_CTR, nonce=nonce, initial_value=1)
         return ctr.encrypt(bytes(16)), ctr.encrypt  # CTR: decrypting is encrypting
 
-    def _tag(self, mask: bytes, ciphertext: memoryview) -> bytes:
+    def _large_tag(self, mask: bytes, ciphertext: memoryview) -> bytes:
+        from Crypto.Util._raw_api import create_string_buffer
+
         ghash = self._ghash
-        ghash._last_y = self._fresh_state(16)  # GHASH state back to zero for this record
+        ghash._last_y = create_string_buffer(16)  # GHASH state back to zero for this record
         size = len(ciphertext)
         whole = size - size % 16
         if whole:
             ghash.update(ciphertext[:whole])
-        lengths = bytes(8) + (size * 8).to_bytes(8, "big")  # len(AAD)=0, len(C) in bits
-        ghash.update(bytes(ciphertext[whole:]) + bytes(-size % 16) + lengths)
+        ghash.update(bytes(ciphertext[whole:]) + bytes(-size % 16) + _gcm_lengths(size))
         value = int.from_bytes(ghash.digest(), "big") ^ int.from_bytes(mask, "big")
         return value.to_bytes(16, "big")
 
+    # --- the interface ---
+
     def seal(self, seq: int, plaintext: bytes) -> bytes:
-        mask, apply = self._keystream(seq, len(plaintext))
+        size = len(plaintext)
+        if size <= _SMALL_RECORD_BYTES:
+            stream = self._small_stream(seq, size)
+            ciphertext = self._xor(plaintext, stream, size)
+            return ciphertext + self._small_tag(stream, ciphertext)
+        mask, apply = self._large_keystream(seq)
         ciphertext = apply(plaintext)
-        return ciphertext + self._tag(mask, memoryview(ciphertext))
+        return ciphertext + self._large_tag(mask, memoryview(ciphertext))
 
     def open(self, seq: int, record: bytes) -> bytes:
-        view = memoryview(record)[:-TAG_BYTES]
-        mask, apply = self._keystream(seq, len(view))
-        if not hmac.compare_digest(self._tag(mask, view), record[-TAG_BYTES:]):
+        size = len(record) - TAG_BYTES
+        if size < 0:
+            raise ValueError("a record is shorter than its tag")
+        if size <= _SMALL_RECORD_BYTES:
+            ciphertext = bytes(record[:size])
+            stream = self._small_stream(seq, size)
+            if not hmac.compare_digest(self._small_tag(stream, ciphertext), record[size:]):
+                raise ValueError("MAC check failed")
+            return self._xor(ciphertext, stream, size)
+        view = memoryview(record)[:size]
+        mask, apply = self._large_keystream(seq)
+        if not hmac.compare_digest(self._large_tag(mask, view), record[size:]):
             raise ValueError("MAC check failed")
         return apply(view)
 
 
 def select_gcm(reference: type) -> type | None:
-    """`Gcm` if it seals and opens byte for byte as `reference` (same interface), else None."""
+    """`Gcm` if it seals and opens byte for byte as `reference` (same interface), and
+    refuses a tampered record of either size class, else None."""
     key, seq = bytes(range(32)), 0x0102030405060708
     try:
         fast, slow = Gcm(key), reference(key)
-        for size in (0, 1, 15, 16, 17, 100, 16 * SMALL_RECORD_BLOCKS, 16 * SMALL_RECORD_BLOCKS + 1):
+        for size in (0, 1, 15, 16, 17, 100, _SMALL_RECORD_BYTES, _SMALL_RECORD_BYTES + 1, 70000):
             plaintext = bytes(i % 251 for i in range(size))
             record = slow.seal(seq, plaintext)
             if fast.seal(seq, plaintext) != record or fast.open(seq, record) != plaintext:
                 return None
-        tampered = bytearray(record)
-        tampered[0] ^= 1
-        try:
-            fast.open(seq, bytes(tampered))
-        except ValueError:
-            return Gcm
+            if size in (100, 70000) and not _refuses_tampered(fast, seq, record):
+                return None
+        return Gcm
     except Exception:  # any missing private piece: the caller keeps the public API
         pass
     return None
+
+
+def _refuses_tampered(gcm: Gcm, seq: int, record: bytes) -> bool:
+    for where in (0, len(record) - 1):
+        tampered = bytearray(record)
+        tampered[where] ^= 1
+        try:
+            gcm.open(seq, bytes(tampered))
+        except ValueError:
+            continue
+        return False
+    return True
 
 
 # --- Ed25519 verification (PROTOCOL.md §5) ---
@@ -502,23 +606,27 @@ def _ed25519_held_lib() -> tuple[Any, Any]:
         return _ed25519_held
 
 
-def _ed25519_pydll() -> Any:
-    """The file pycryptodome's loader opens (`load_pycryptodome_raw_lib`, private), with
-    its dlopen flags, each function declared; the same copy in memory as pycryptodome's."""
+def _pydll(package: list[str], stem: str) -> ctypes.PyDLL:
+    """A shared library of pycryptodome's through ctypes.PyDLL: the file its loader
+    (`load_pycryptodome_raw_lib`, private) opens, with its dlopen flags, so the same
+    copy in memory as pycryptodome's."""
     from Crypto.Util._file_system import pycryptodome_filename
     from Crypto.Util._raw_api import extension_suffixes
 
-    _curve_lib("Ed25519")  # pycryptodome's own loading first, with its flags
-    paths = [
-        pycryptodome_filename(["Crypto", "PublicKey"], "_ed25519" + e) for e in extension_suffixes
-    ]
+    paths = [pycryptodome_filename(package, stem + e) for e in extension_suffixes]
     path = next((p for p in paths if os.path.isfile(p)), None)
     if path is None:
-        raise OSError(f"no Ed25519 library among {paths}")
+        raise OSError(f"no {stem} library among {paths}")
     mode = os.RTLD_NOW
     if hasattr(os, "RTLD_DEEPBIND") and not os.getenv("PYCRYPTODOME_DISABLE_DEEPBIND"):
         mode |= os.RTLD_DEEPBIND
-    dll = ctypes.PyDLL(path, mode=mode)
+    return ctypes.PyDLL(path, mode=mode)
+
+
+def _ed25519_pydll() -> Any:
+    """The Ed25519 functions through `_pydll`, each declared."""
+    _curve_lib("Ed25519")  # pycryptodome's own loading first, with its flags
+    dll = _pydll(["Crypto", "PublicKey"], "_ed25519")
     functions = {}
     for name, arguments, result in _ED25519_SIGNATURES:
         function = getattr(dll, "ed25519_" + name)

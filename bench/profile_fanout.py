@@ -15,6 +15,7 @@ sample) with their inclusive share (how many samples they appear in).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -74,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rate", type=int, default=SAMPLE_RATE_HZ, help="samples per second")
+    parser.add_argument(
+        "--server",
+        type=Path,
+        default=serverproc.SERVER,
+        help="the server.py to profile (default: this repository's), e.g. an older copy",
+    )
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy")
     if pyspy is None:
@@ -82,15 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     [(name, params)] = run.plan([args.scenario], quick=False)[:1]
     params.setdefault("workers", 1)
     run.RESULTS.mkdir(exist_ok=True)
-    out = run.RESULTS / f"profile-{name}-{'gil' if args.gil else 'cpu'}.txt"
+    tag = "" if args.server.resolve() == serverproc.SERVER else f"-{args.server.parent.name}"
+    out = run.RESULTS / f"profile-{name}-{'gil' if args.gil else 'cpu'}{tag}.txt"
     serverproc.raise_nofile(params["N"] + 1024)
     with serverproc.KeyDir() as keys:
         flags = {**run.SERVER_FLAGS, "max_clients": params["N"] + 64}
         log_path = keys.path / "server.log"
-        with serverproc.ServerProcess(keys.key_file, log_path, **flags) as server:
+        os.environ["BCAST_STATE"] = str(keys.path / "state.db")  # fresh, never the user's
+        with serverproc.ServerProcess(keys.key_file, log_path, args.server, **flags) as server:
             server.start()
             cmd = [pyspy, "record", "--pid", str(server.pid), "--format", "raw", "-o", str(out)]
-            cmd += ["--rate", str(SAMPLE_RATE_HZ), "--nonblocking"] + (
+            cmd += ["--rate", str(args.rate), "--nonblocking"] + (
                 ["--gil"] if args.gil else []
             )
             spy: list[subprocess.Popen[bytes]] = []
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     total, rows = summarize(out, args.top)
     kind = "samples holding the GIL" if args.gil else "on-CPU samples, all threads"
     print(
-        f"\ntop {args.top} functions by own time ({total} {kind}, {SAMPLE_RATE_HZ} Hz); raw: {out}"
+        f"\ntop {args.top} functions by own time ({total} {kind}, {args.rate} Hz); raw: {out}"
     )
     print(f"  {'own%':>6} {'incl%':>6}  function")
     for func, n_own, n_incl in rows:

@@ -1057,6 +1057,51 @@ def test_record_cipher_uses_the_fast_gcm_on_this_install() -> None:
     assert c.GCM_IMPL is fc.Gcm
 
 
+@FAST
+def test_small_record_calls_keep_the_gil() -> None:
+    """A record of up to 4 KiB is sealed and opened through ctypes.PyDLL functions, whose
+    calls keep the GIL (the reason they exist: no hand-off to another thread per say)."""
+    import ctypes
+
+    functions = fc._gcm_functions(fc._ghash_flavour()[1])
+    for function in (functions.ecb_encrypt, functions.ghash):
+        assert function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+
+
+@pytest.mark.parametrize("size", [0, 1, 16, 4095, 4096, 4097, 70000])
+def test_fast_gcm_refuses_each_tampered_byte_class(size: int) -> None:
+    """§3: on both sides of the 4 KiB switch, a flipped bit in the ciphertext or the tag,
+    a wrong counter, or a record cut short does not open."""
+    gcm = fc.Gcm(KEY)
+    record = gcm.seal(7, bytes(range(256)) * (size // 256) + bytes(size % 256))
+    for where in {0, len(record) // 2, len(record) - 1}:
+        bad = bytearray(record)
+        bad[where] ^= 0x01
+        with pytest.raises(ValueError):
+            gcm.open(7, bytes(bad))
+    with pytest.raises(ValueError):
+        gcm.open(8, record)
+    with pytest.raises(ValueError):
+        gcm.open(7, record[1:])
+
+
+def test_fast_gcm_not_chosen_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The import-time self-check refuses a fast GCM that differs from the public API in
+    one size class, or whose C functions cannot be loaded: records then use the public API."""
+    assert fc.select_gcm(c._StandardGcm) is fc.Gcm
+    with monkeypatch.context() as patch:
+        patch.setattr(fc.Gcm, "_xor", staticmethod(lambda data, stream, size: bytes(size)))
+        assert fc.select_gcm(c._StandardGcm) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(fc, "_gcm_c", {})
+
+        def missing(package: list[str], stem: str) -> None:
+            raise OSError(f"no {stem}")
+
+        patch.setattr(fc, "_pydll", missing)
+        assert fc.select_gcm(c._StandardGcm) is None
+
+
 # --- the fast paths: the switch, fork() and the owners of raw pointers ---
 
 ROOT = Path(__file__).resolve().parent.parent
