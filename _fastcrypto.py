@@ -330,8 +330,23 @@ _COUNTERS, _SEQ_SPREAD = _counter_tables()
 
 _SMALL_RECORD_BYTES = 16 * SMALL_RECORD_BLOCKS
 _ZERO_BLOCK = bytes(16)
-_gcm_c: dict[str, SimpleNamespace] = {}  # GHASH flavour -> the GIL-holding C functions
-_gcm_c_lock = threading.Lock()
+_gcm_setup: tuple[Any, SimpleNamespace, Callable[[Any], int]] | None = None
+_gcm_setup_lock = threading.Lock()
+
+
+def _gcm_c() -> tuple[Any, SimpleNamespace, Callable[[Any], int]]:
+    """Made once per process, read by every `Gcm`: the GHASH flavour pycryptodome's GCM
+    uses here, its C functions and ECB_encrypt through ctypes.PyDLL (calls that keep
+    the GIL), and how to turn a pycryptodome C pointer into an address."""
+    global _gcm_setup
+    setup = _gcm_setup
+    if setup is None:
+        with _gcm_setup_lock:
+            if _gcm_setup is None:
+                impl, flavour = _ghash_flavour()
+                _gcm_setup = (impl, _gcm_functions(flavour), _address_function())
+            setup = _gcm_setup
+    return setup
 
 
 def _ghash_flavour() -> tuple[Any, str]:
@@ -346,33 +361,29 @@ def _ghash_flavour() -> tuple[Any, str]:
 
 def _gcm_functions(flavour: str) -> SimpleNamespace:
     """ECB_encrypt and ghash_<flavour> through ctypes.PyDLL (calls that keep the GIL)."""
-    with _gcm_c_lock:
-        found = _gcm_c.get(flavour)
-        if found is None:
-            ecb = _pydll(["Crypto", "Cipher"], "_raw_ecb").ECB_encrypt
-            ecb.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
-            ecb.restype = ctypes.c_int
-            lib = _pydll(["Crypto", "Hash"], "_ghash_" + flavour)
-            ghash = getattr(lib, "ghash_" + flavour)
-            ghash.argtypes = (
-                ctypes.c_void_p,
-                ctypes.c_char_p,
-                ctypes.c_size_t,
-                ctypes.c_char_p,
-                ctypes.c_void_p,
-            )
-            ghash.restype = ctypes.c_int
-            found = _gcm_c[flavour] = SimpleNamespace(ecb_encrypt=ecb, ghash=ghash)
-        return found
+    ecb = _pydll(["Crypto", "Cipher"], "_raw_ecb").ECB_encrypt
+    ecb.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+    ecb.restype = ctypes.c_int
+    ghash = getattr(_pydll(["Crypto", "Hash"], "_ghash_" + flavour), "ghash_" + flavour)
+    ghash.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+    )
+    ghash.restype = ctypes.c_int
+    return SimpleNamespace(ecb_encrypt=ecb, ghash=ghash)
 
 
-def _address(pointer: Any) -> int:
+def _address_function() -> Callable[[Any], int]:
     """A pycryptodome C pointer (cffi or ctypes, per its backend) as an integer."""
     from Crypto.Util import _raw_api
 
     if _raw_api.backend == "cffi":
-        return int(_raw_api.ffi.cast("uintptr_t", pointer))
-    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+        cast = _raw_api.ffi.cast
+        return lambda pointer: int(cast("uintptr_t", pointer))
+    return lambda pointer: ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
 def _gcm_lengths(size: int) -> bytes:
@@ -399,13 +410,12 @@ class Gcm:
         from Crypto.Cipher import _mode_gcm
 
         self._key = key
-        ghash_impl, flavour = _ghash_flavour()
-        self._c = _gcm_functions(flavour)
+        ghash_impl, self._c, address = _gcm_c()
         # The owners of the C states the raw addresses below point into: kept with them.
         self._ecb = AES.new(key, AES.MODE_ECB)
         self._ghash = _mode_gcm._GHASH(self._ecb.encrypt(bytes(16)), ghash_impl)
-        self._ecb_state = _address(self._ecb._state.get())
-        self._ghash_key = _address(self._ghash._exp_key.get())
+        self._ecb_state = address(self._ecb._state.get())
+        self._ghash_key = address(self._ghash._exp_key.get())
 
     # --- records of up to 4 KiB: two C calls that keep the GIL ---
 

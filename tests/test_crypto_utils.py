@@ -1063,7 +1063,7 @@ def test_small_record_calls_keep_the_gil() -> None:
     calls keep the GIL (the reason they exist: no hand-off to another thread per say)."""
     import ctypes
 
-    functions = fc._gcm_functions(fc._ghash_flavour()[1])
+    _, functions, _ = fc._gcm_c()
     for function in (functions.ecb_encrypt, functions.ghash):
         assert function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
 
@@ -1093,7 +1093,7 @@ def test_fast_gcm_not_chosen_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) 
         patch.setattr(fc.Gcm, "_xor", staticmethod(lambda data, stream, size: bytes(size)))
         assert fc.select_gcm(c._StandardGcm) is None
     with monkeypatch.context() as patch:
-        patch.setattr(fc, "_gcm_c", {})
+        patch.setattr(fc, "_gcm_setup", None)  # loaded again, and fails
 
         def missing(package: list[str], stem: str) -> None:
             raise OSError(f"no {stem}")
