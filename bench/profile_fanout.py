@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         with serverproc.ServerProcess(keys.key_file, log_path, args.server, **flags) as server:
             server.start()
             cmd = [pyspy, "record", "--pid", str(server.pid), "--format", "raw", "-o", str(out)]
-            cmd += ["--rate", str(args.rate), "--nonblocking"] + (
-                ["--gil"] if args.gil else []
-            )
+            cmd += ["--rate", str(args.rate), "--nonblocking"] + (["--gil"] if args.gil else [])
             spy: list[subprocess.Popen[bytes]] = []
 
             def attach() -> None:
@@ -134,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     total, rows = summarize(out, args.top)
     kind = "samples holding the GIL" if args.gil else "on-CPU samples, all threads"
-    print(
-        f"\ntop {args.top} functions by own time ({total} {kind}, {args.rate} Hz); raw: {out}"
-    )
+    print(f"\ntop {args.top} functions by own time ({total} {kind}, {args.rate} Hz); raw: {out}")
     print(f"  {'own%':>6} {'incl%':>6}  function")
     for func, n_own, n_incl in rows:
         print(f"  {100 * n_own / total:6.1f} {100 * n_incl / total:6.1f}  {func}")
