@@ -81,8 +81,16 @@ class Reader:
             end(conn, "disconnect", bye=False, why="closed by the peer")
         except OSError as exc:
             end(conn, "disconnect", bye=False, why=exc.strerror or str(exc))
-        except Exception:  # a bug must cost one connection, never the server
-            log.exception("internal error on %s", conn.peer)
+        except Exception as exc:  # a bug must cost one connection, never the server
+            # One line, its text cut and escaped (it may quote the peer); the traceback
+            # is for a developer (--log-level DEBUG), not for the operator's screen.
+            log.error(
+                "internal error on %s: %s: %s (a bug in bcast; --log-level DEBUG shows where)",
+                conn.peer,
+                type(exc).__name__,
+                clip(exc, 200),
+            )
+            log.debug("where the internal error on %s happened", conn.peer, exc_info=True)
             end(conn, "protocol", bye=False, why="internal error")
         finally:
             if self.hub.release(conn):

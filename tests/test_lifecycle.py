@@ -465,3 +465,40 @@ def test_log_lines_name_refused_joins_and_say_reasons_in_words(run_server, caplo
     assert not any("<Conn" in line for line in lines), lines
     closed = [line for line in lines if line.startswith("bob (127.0.0.1:")]
     assert closed and "disconnected" in closed[0], lines
+
+
+def test_internal_error_costs_one_connection_and_logs_one_clean_line(
+    run_server, caplog, monkeypatch
+) -> None:
+    """A bug on one connection (here: its say raises) ends that connection alone, and is
+    one ERROR line naming the exception, the peer's text in it cut and escaped; the
+    traceback goes to DEBUG only. The others keep chatting."""
+    import reader
+
+    marker = "M4rker\x1b[2J" + "x" * 500
+
+    def broken_say(self, msg) -> None:
+        if msg.text.startswith("boom"):
+            raise ValueError(marker)
+        return real_say(self, msg)
+
+    real_say = reader.Reader._say
+    monkeypatch.setattr(reader.Reader, "_say", broken_say)
+    caplog.set_level(logging.DEBUG, logger="bcast.server")
+    with run_server(rate=0) as srv:
+        alice, _ = connect_and_join(*srv.address, "alice")
+        bob, _ = connect_and_join(*srv.address, "bob")
+        with alice, bob:
+            assert alice.recv(5)["type"] == "joined"
+            bob.send({"type": "say", "text": "boom"})
+            bob.wait_closed(PROMPT_S)
+            assert alice.recv_until("left", 5)[0]["name"] == "bob"
+            alice.send({"type": "ping", "id": 1})
+            assert alice.recv_until("pong", 5)[0] == {"type": "pong", "id": 1}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    line = errors[0].getMessage()
+    assert "internal error on 127.0.0.1:" in line and "ValueError" in line, line
+    assert "\x1b" not in line and "\\x1b" in line and "characters)" in line, line
+    assert errors[0].exc_info is None
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
