@@ -2,8 +2,9 @@
 
 Known answers come from RFC 8032 §7.1; `cryptography` (OpenSSL) is the
 independent second Ed25519; the points of small order and the crafted
-signatures are computed with the small pure-Python Edwards arithmetic below
-(RFC 8032 §5.1), which shares nothing with pycryptodome.
+signatures are computed with the small pure-Python Edwards arithmetic of the
+independent peer (tests/refpeer.py, RFC 8032 §5.1), which shares nothing with
+pycryptodome.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netutil import run_in_threads
+from refpeer import ED_L, ED_NEUTRAL, ED_P, ed_add, ed_decode, ed_encode, ed_mul
 
 import _fastcrypto as fc
 import crypto_utils as c
@@ -41,58 +43,14 @@ from crypto_utils import CryptoError, KeyFileError
 
 FAST = pytest.mark.skipif(c.PUBLIC_CRYPTO, reason="BCAST_PUBLIC_CRYPTO=1 turns fast paths off")
 
-# --- RFC 8032 §5.1 by hand: points as extended coordinates (X, Y, Z, T) ---
+# --- RFC 8032 §5.1 by hand: tests/refpeer.py's Edwards arithmetic (X, Y, Z, T) ---
 
-P = 2**255 - 19
-L = 2**252 + 27742317777372353535851937790883648493
-D = -121665 * pow(121666, P - 2, P) % P
-SQRT_M1 = pow(2, (P - 1) // 4, P)
-NEUTRAL = (0, 1, 1, 0)
-
-
-def add(p: tuple, q: tuple) -> tuple:
-    a = (p[1] - p[0]) * (q[1] - q[0]) % P
-    b = (p[1] + p[0]) * (q[1] + q[0]) % P
-    cc = 2 * p[3] * q[3] * D % P
-    dd = 2 * p[2] * q[2] % P
-    e, f, g, h = b - a, dd - cc, dd + cc, b + a
-    return (e * f % P, g * h % P, f * g % P, e * h % P)
+P, L, NEUTRAL = ED_P, ED_L, ED_NEUTRAL
+add, mul, encode, decode = ed_add, ed_mul, ed_encode, ed_decode
 
 
 def neg(p: tuple) -> tuple:
     return (-p[0] % P, p[1], p[2], -p[3] % P)
-
-
-def mul(s: int, p: tuple) -> tuple:
-    q = NEUTRAL
-    while s > 0:
-        if s & 1:
-            q = add(q, p)
-        p, s = add(p, p), s >> 1
-    return q
-
-
-def encode(p: tuple) -> bytes:
-    z_inv = pow(p[2], P - 2, P)
-    x, y = p[0] * z_inv % P, p[1] * z_inv % P
-    return (y | (x & 1) << 255).to_bytes(32, "little")
-
-
-def decode(data: bytes) -> tuple | None:
-    """The point of a canonical encoding, or None (RFC 8032 5.1.3, strict)."""
-    y = int.from_bytes(data, "little")
-    sign, y = y >> 255, y & ((1 << 255) - 1)
-    if y >= P:
-        return None
-    x2 = (y * y - 1) * pow(D * y * y + 1, P - 2, P) % P
-    x = pow(x2, (P + 3) // 8, P)
-    if (x * x - x2) % P:
-        x = x * SQRT_M1 % P
-    if (x * x - x2) % P or (x == 0 and sign):
-        return None
-    if x & 1 != sign:
-        x = P - x
-    return (x, y, 1, x * y % P)
 
 
 BASE = decode(c.ED25519_BASE)
