@@ -301,7 +301,8 @@ def test_server_down_ten_seconds_then_back(run_server, tmp_path: Path) -> None:
         bob.send({"type": "say", "text": "said while you were away"})
         child.expect("reconnected as", timeout=35)  # the backoff is at most 30 s
         assert wait_screen(child, screen, lambda ls: "said while you were away" in "\n".join(ls), T)
-        assert screen.lines()[-1].endswith("> draft")  # the draft survived
+        # the draft survived: the prompt is redrawn under the message (wait for that redraw)
+        assert wait_screen(child, screen, lambda ls: ls[-1].endswith("> draft"), T), screen.lines()
         shown = "\n".join(screen.lines())
         assert shown.count("said while you were away") == 1, shown
         assert shown.count("before the outage") == 1, shown
